@@ -1,0 +1,25 @@
+"""Test session set-up: 8 simulated CPU devices, parsed absl flags, a persistent compile cache.
+
+All of this must happen before JAX initialises its backend, hence at import time of conftest.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import jax  # noqa: E402
+from absl import flags  # noqa: E402
+
+_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax_test_cache"
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# grain's multiprocess prefetch reads an absl flag; outside app.run flags are unparsed.
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
