@@ -50,6 +50,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     c.data.num_test = {"paper": 50, "default": 6, "smoke": 2}[size]  # held-out evaluation cases
     c.data.num_workers = 0  # grain worker processes (0: threads in the main process)
     c.data.num_threads = 2
+    # Preprocessed cases kept in memory per process (MiB); 0 re-reads the NIfTI files every epoch.
+    c.data.cache_mb = 2048
     c.data.phantom = ml_collections.ConfigDict()
     c.data.phantom.num_cases = {"paper": 64, "default": 24, "smoke": 6}[size]
     c.data.phantom.seed = 0
@@ -72,10 +74,10 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     # --- pretraining ------------------------------------------------------------------------
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.batch_size = 8
-    c.pretrain.num_steps = {"paper": 100_000, "default": 150, "smoke": 4}[size]
+    c.pretrain.num_steps = {"paper": 100_000, "default": 300, "smoke": 4}[size]
     c.pretrain.learning_rate = 1e-4 if size == "paper" else 1e-3
     c.pretrain.log_every = {"paper": 100, "default": 10, "smoke": 1}[size]
-    c.pretrain.checkpoint_every = {"paper": 5000, "default": 50, "smoke": 2}[size]
+    c.pretrain.checkpoint_every = {"paper": 5000, "default": 100, "smoke": 2}[size]
     c.pretrain.keep_checkpoints = 3
 
     # --- finetuning (3D U-Net segmentation of the BraTS regions) -----------------------------
@@ -86,12 +88,12 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     c.finetune.init_from = config_dict.placeholder(str)
     c.finetune.num_labeled = {"paper": -1, "default": 4, "smoke": 2}[size]  # -1: all training cases
     c.finetune.batch_size = 2
-    c.finetune.num_steps = {"paper": 20_000, "default": 120, "smoke": 3}[size]
+    c.finetune.num_steps = {"paper": 20_000, "default": 100, "smoke": 3}[size]
     # Steps with the encoder frozen before it is trained too (the paper's warm-up).
-    c.finetune.warmup_frozen_steps = {"paper": 1000, "default": 30, "smoke": 1}[size]
+    c.finetune.warmup_frozen_steps = {"paper": 1000, "default": 25, "smoke": 1}[size]
     c.finetune.learning_rate = 1e-3
     c.finetune.dice_weight = 1.0
     c.finetune.ce_weight = 1.0
     c.finetune.log_every = {"paper": 100, "default": 10, "smoke": 1}[size]
-    c.finetune.checkpoint_every = {"paper": 5000, "default": 60, "smoke": 2}[size]
+    c.finetune.checkpoint_every = {"paper": 5000, "default": 50, "smoke": 2}[size]
     return c

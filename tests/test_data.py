@@ -391,3 +391,30 @@ def test_save_nifti_atomic_no_temp_left(tmp_path):
     data, affine = nifti.load_nifti(tmp_path / "x.nii.gz", dtype=np.int16)
     np.testing.assert_array_equal(data, arr)
     np.testing.assert_allclose(affine, np.diag([2.0, 1.0, 3.0, 1.0]))
+
+
+def test_cached_source_gives_the_same_batches_within_budget(tmp_path):
+    from ssl3d_jax.data import phantom as _phantom
+    from ssl3d_jax.data.pipeline import CachedSource
+
+    root = tmp_path / "cached"
+    _phantom.write_brats_phantom(root, num_cases=3, shape=(20, 24, 18), seed=1)
+    source = brats.BratsSource(brats.find_cases(root), with_label=True)
+    transform = preprocess.Preprocess(size=12, mode="resize", normalization="zscore")
+
+    def batches(cache_bytes):
+        ds = pipeline.make_train_dataset(
+            source, transform, batch_size=2, seed=5, num_threads=2, cache_bytes=cache_bytes
+        )
+        it = iter(ds)
+        return [next(it) for _ in range(4)]
+
+    plain, cached = batches(0), batches(10 * 2**20)
+    for a, b in zip(plain, cached):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    one_record = 12**3 * 4 * 4 + 12**3 * 4 + 4  # image float32, label int32, case_index
+    small = CachedSource(source, transform, cache_bytes=one_record)
+    for i in range(len(source)):
+        small[i]
+    assert len(small._cache) == 1 and small._used <= one_record

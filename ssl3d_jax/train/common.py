@@ -34,6 +34,7 @@ def train_iterator(config, cases, *, batch_size: int, with_label: bool, seed: in
         num_threads=config.data.num_threads,
         shard_index=jax.process_index(),
         shard_count=n_proc,
+        cache_bytes=config.data.cache_mb * 2**20,
     )
     return iter(ds)
 

@@ -1,0 +1,89 @@
+"""The main command end to end at smoke size, as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(args, env_cache, timeout=600):
+    env = dict(os.environ, SSL3D_JAX_CACHE=str(env_cache))
+    env.pop("XLA_FLAGS", None)  # one CPU device, as on a user's machine
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "main.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("launch")
+    workdir = base / "work"
+    proc = _run(["--config=configs/rpl.py:smoke", f"--workdir={workdir}"], base / "cache")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir, proc
+
+
+def test_default_command_end_to_end_smoke(smoke_run):
+    workdir, proc = smoke_run
+    # Built-in phantom data was generated into the cache folder, in BraTS layout.
+    assert "built-in phantom dataset" in proc.stderr
+    # Pretraining checkpoints, complete (orbax's commit marker) and not left as temp folders.
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] == 4
+    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+    # Metrics of every phase, one JSON object per line, finite losses.
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    phases = {r["phase"] for r in records}
+    assert phases == {"pretrain", "finetune/pretrained", "finetune/scratch"}
+    assert [r["step"] for r in records if r["phase"] == "pretrain"] == [1, 2, 3, 4]
+    assert all(r["loss"] == r["loss"] for r in records)
+    # Results: WT/TC/ET Dice for the pretrained and the from-scratch model.
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results["arms"]) == {"pretrained", "scratch"}
+    for arm in results["arms"].values():
+        assert set(arm["dice_mean"]) == {"WT", "TC", "ET"}
+        assert all(0.0 <= v <= 1.0 for v in arm["dice_mean"].values())
+        assert len(arm["dice_per_case"]) == arm["num_test"] == 2
+    assert results["arms"]["pretrained"]["restored_tensors"] > 0
+    assert results["arms"]["scratch"]["restored_tensors"] == 0
+    restored = json.loads((workdir / "finetune/pretrained/restored_params.json").read_text())
+    assert restored["step"] == 4 and restored["missing"] == []
+    # The split is saved and pretraining never saw the test cases.
+    splits = json.loads((workdir / "splits.json").read_text())
+    assert not set(splits["test"]) & set(splits["train"])
+    assert set(splits["labeled"]) <= set(splits["train"])
+
+
+def test_rerun_resumes_instead_of_starting_over(smoke_run, tmp_path):
+    workdir, _ = smoke_run
+    proc = _run(
+        ["--config=configs/rpl.py:smoke", f"--workdir={workdir}", "--config.pretrain.num_steps=6"],
+        workdir.parent / "cache",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Resuming pretraining from step 4" in proc.stderr
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    pre = [r["step"] for r in records if r["phase"] == "pretrain"]
+    assert pre == [1, 2, 3, 4, 5, 6]
+
+
+def test_mistyped_config_key_is_an_error(tmp_path):
+    proc = _run(
+        ["--config=configs/rpl.py:smoke", f"--workdir={tmp_path}", "--config.pretrain.num_stepz=3"],
+        tmp_path / "cache",
+    )
+    assert proc.returncode != 0
+    assert "num_stepz" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
