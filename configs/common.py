@@ -74,10 +74,10 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     # --- pretraining ------------------------------------------------------------------------
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.batch_size = 8
-    c.pretrain.num_steps = {"paper": 100_000, "default": 300, "smoke": 4}[size]
+    c.pretrain.num_steps = {"paper": 100_000, "default": 1000, "smoke": 4}[size]
     c.pretrain.learning_rate = 1e-4 if size == "paper" else 1e-3
-    c.pretrain.log_every = {"paper": 100, "default": 10, "smoke": 1}[size]
-    c.pretrain.checkpoint_every = {"paper": 5000, "default": 100, "smoke": 2}[size]
+    c.pretrain.log_every = {"paper": 100, "default": 50, "smoke": 1}[size]
+    c.pretrain.checkpoint_every = {"paper": 5000, "default": 250, "smoke": 2}[size]
     c.pretrain.keep_checkpoints = 3
 
     # --- finetuning (3D U-Net segmentation of the BraTS regions) -----------------------------

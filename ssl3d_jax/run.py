@@ -28,7 +28,8 @@ def run(config, workdir: str) -> dict | None:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
-    cases = data_lib.load_cases(config)
+    root = data_lib.resolve_root(config)
+    cases = data_lib.load_cases(root, config)
     splits = data_lib.make_splits(
         [c.name for c in cases],
         num_test=config.data.num_test,
@@ -54,7 +55,7 @@ def run(config, workdir: str) -> dict | None:
     init_from = config.finetune.init_from or pretrain.checkpoint_dir(workdir)
     results = {
         "task": config.task,
-        "data_root": str(data_lib.resolve_root(config)),
+        "data_root": str(root),
         "splits": splits,
         "arms": {},
     }

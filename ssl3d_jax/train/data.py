@@ -30,8 +30,8 @@ def resolve_root(config) -> pathlib.Path:
     return root
 
 
-def load_cases(config) -> list:
-    return brats.find_cases(resolve_root(config), modalities=tuple(config.data.modalities))
+def load_cases(root: pathlib.Path, config) -> list:
+    return brats.find_cases(root, modalities=tuple(config.data.modalities))
 
 
 def make_splits(names: list[str], *, num_test: int, num_labeled: int, seed: int) -> dict:
