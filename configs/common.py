@@ -1,13 +1,17 @@
 """Config sections shared by every pretext task: seed, data, model, pretraining, finetuning.
 
-A task config (`configs/<task>.py`) calls `base_config(size)` and adds its own `config.<task>`
-section. `size` picks one of three scales:
+A task config (`configs/<task>.py`) calls `base_config(arg)` and adds its own `config.<task>`
+section. `arg` is what follows the colon in `--config=configs/<task>.py:ARG`: a comma-separated
+list of a size and a dimensionality, e.g. `smoke`, `2d`, `smoke,2d`, `paper`. Sizes:
 
 - `paper`: the paper's BraTS setting (128³ inputs, batch sizes of the original configs, 1000
   epochs' worth of steps). Needs an accelerator.
 - `default`: small enough that `python launch/main.py --config=configs/<task>.py` pretrains,
   finetunes and evaluates on the built-in phantom on a 2-core CPU in a few minutes.
 - `smoke`: seconds-scale, for tests and CI.
+
+Dimensionality: `3d` (default) trains on volumes `[D, H, W, C]`; `2d` trains on axial slices
+`[H, W, C]` of the same scans (the paper's 2D baselines), with 2D encoders and decoders.
 
 Every key can be overridden on the command line, e.g. `--config.data.root=/data/BraTS2021`.
 Keys are locked, so a mistyped key is an error rather than a silently ignored setting (the
@@ -20,19 +24,32 @@ import ml_collections
 from ml_collections import config_dict
 
 SIZES = ("paper", "default", "smoke")
+DIMS = {"2d": 2, "3d": 3}
 
 
-def parse_size(arg: str | None) -> str:
-    size = arg or "default"
-    if size not in SIZES:
-        raise ValueError(
-            f"config argument {arg!r}: expected one of {SIZES}, e.g. configs/rpl.py:smoke"
-        )
-    return size
+def parse_arg(arg: str | None) -> tuple[str, int]:
+    """`"smoke,2d"` → `("smoke", 2)`; defaults `("default", 3)`."""
+    size, dims = "default", 3
+    for part in (arg or "").split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        if part in SIZES:
+            size = part
+        elif part in DIMS:
+            dims = DIMS[part]
+        else:
+            raise ValueError(
+                f"config argument {arg!r}: {part!r} is neither a size {SIZES} nor a "
+                f"dimensionality {tuple(DIMS)}; e.g. configs/rpl.py:smoke,2d"
+            )
+    return size, dims
 
 
-def base_config(size: str) -> ml_collections.ConfigDict:
+def base_config(arg: str | None) -> ml_collections.ConfigDict:
+    size, dims = parse_arg(arg)
     c = ml_collections.ConfigDict()
+    c.size = size  # informational: which preset the numbers below come from
     c.task = ""
     c.seed = 0
     # 'pretrain_finetune' runs everything; 'pretrain' and 'finetune' run one half.
@@ -44,7 +61,11 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     # synthetic phantom, generated once into a cache folder.
     c.data.root = config_dict.placeholder(str)
     c.data.modalities = ("t1", "t1ce", "t2", "flair")
-    c.data.size = {"paper": 128, "default": 40, "smoke": 24}[size]  # model input cube edge
+    # 3: volumes; 2: axial slices of the same preprocessed volumes.
+    c.data.spatial_dims = dims
+    # Edge of the preprocessed cube; in 2D the slices are size × size.
+    c.data.size = {"paper": 128, "default": 40 if dims == 3 else 64, "smoke": 24}[size]
+    c.data.slice_fraction = 0.6  # 2D: central fraction of the axial slices used per volume
     c.data.resize_mode = "resize"  # or 'crop_pad'
     c.data.normalization = "zscore"  # or 'minmax'; per modality, over the foreground
     c.data.num_test = {"paper": 50, "default": 6, "smoke": 2}[size]  # held-out evaluation cases
@@ -87,8 +108,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     # Pretraining checkpoint folder to restore the encoder from; None: <workdir>/checkpoints.
     c.finetune.init_from = config_dict.placeholder(str)
     c.finetune.num_labeled = {"paper": -1, "default": 4, "smoke": 2}[size]  # -1: all training cases
-    c.finetune.batch_size = 2
-    c.finetune.num_steps = {"paper": 20_000, "default": 100, "smoke": 3}[size]
+    c.finetune.batch_size = 2 if dims == 3 else 8  # volumes, or slices in 2D
+    c.finetune.num_steps = {"paper": 20_000, "default": 100 if dims == 3 else 300, "smoke": 3}[size]
     # Steps with the encoder frozen before it is trained too (the paper's warm-up).
     c.finetune.warmup_frozen_steps = {"paper": 1000, "default": 25, "smoke": 1}[size]
     c.finetune.learning_rate = 1e-3

@@ -21,8 +21,8 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size = common.parse_size(arg)
-    config = common.base_config(size)
+    config = common.base_config(arg)
+    size = config.size
     config.task = "rpl"
     config.rpl = ml_collections.ConfigDict()
     config.rpl.patches_per_side = 3
@@ -30,5 +30,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The original's `big_fully` head is 2048 → 1024; smaller at CPU scale.
     config.rpl.head_hidden = {"paper": (2048, 1024), "default": (256,), "smoke": (16,)}[size]
     config.rpl.head_dropout = 0.0
-    config.pretrain.batch_size = {"paper": 32, "default": 8, "smoke": 8}[size]
+    # 3D: volumes per step (the original's rpl_3d.json: 32); 2D: slices (rpl_2d: 32 to 128).
+    if config.data.spatial_dims == 3:
+        config.pretrain.batch_size = {"paper": 32, "default": 8, "smoke": 8}[size]
+    else:
+        config.pretrain.batch_size = {"paper": 64, "default": 32, "smoke": 8}[size]
+        # 64² slices: 21² cells and 18² patches, J=3 (the original's 2D: J=4 on 128², 8 on 224²).
     return config

@@ -3,27 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _run(args, env_cache, timeout=600):
-    env = dict(os.environ, SSL3D_JAX_CACHE=str(env_cache))
-    env.pop("XLA_FLAGS", None)  # one CPU device, as on a user's machine
-    return subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "main.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from launch_util import run_main as _run
 
 
 @pytest.fixture(scope="module")

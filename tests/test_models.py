@@ -9,9 +9,17 @@ import pytest
 from flax import nnx
 from jax import lax
 
+from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.layers import ConvBlock, UpConv2, group_count, max_pool2
-from ssl3d_jax.models.unet import Encoder3D, SegmentationModel, UNetDecoder, global_max_pool
+from ssl3d_jax.models.unet import (
+    Encoder,
+    Encoder3D,
+    SegmentationModel,
+    UNetDecoder,
+    flatten_features,
+    global_max_pool,
+)
 
 SMALL = dict(filters=(4, 8, 8, 8), bottom_filters=8, num_groups=4)
 
@@ -45,20 +53,60 @@ def test_max_pool2_matches_reduce_window(shape):
         )
 
 
+POOL_CASES_2D = [(2, 4, 6, 3), (1, 5, 7, 2), (1, 1, 1, 1), (2, 13, 18, 1)]
+
+
+@pytest.mark.parametrize("shape", POOL_CASES_2D)
+def test_max_pool2_2d_matches_reduce_window(shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    got = max_pool2(x)
+    ref = lax.reduce_window(
+        x,
+        -jnp.inf,
+        lax.max,
+        (1, 2, 2, 1),
+        (1, 2, 2, 1),
+        [(0, 0)] + [(0, s % 2) for s in shape[1:3]] + [(0, 0)],
+    )
+    assert got.shape == (shape[0], *map(_ceil_half, shape[1:3]), shape[3])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    np.testing.assert_array_equal(
+        np.asarray(got), np.asarray(nnx.max_pool(x, (2, 2), (2, 2), padding="SAME"))
+    )
+
+
+def test_bad_ranks_raise():
+    with pytest.raises(ConfigError, match=r"\(2, 4, 4\)"):
+        max_pool2(jnp.zeros((2, 4, 4)))
+    with pytest.raises(ConfigError, match="spatial_dims"):
+        Encoder3D(1, spatial_dims=4, filters=(4,), bottom_filters=4, rngs=nnx.Rngs(0))
+    enc = Encoder3D(1, spatial_dims=2, filters=(4,), bottom_filters=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="rank 4"):
+        enc(jnp.zeros((1, 4, 4, 4, 1)))  # a volume batch into a 2D encoder
+    with pytest.raises(ConfigError, match="rank 5"):
+        ConvBlock(1, 4, rngs=nnx.Rngs(0))(jnp.zeros((1, 4, 4, 1)))  # 3D conv would not batch
+
+
+@pytest.mark.parametrize(
+    "n, in_shape", [(3, (2, 3, 4, 5)), (2, (2, 3, 5)), (2, (1, 1, 7))], ids=["3d", "2d", "2d_1x7"]
+)
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
-def test_upconv2_equals_conv_transpose(padding):
+def test_upconv2_equals_conv_transpose(n, in_shape, padding):
     cin, cout = 6, 5
     ref = nnx.ConvTranspose(
-        cin, cout, kernel_size=(2, 2, 2), strides=(2, 2, 2), padding=padding, rngs=nnx.Rngs(0)
+        cin, cout, kernel_size=(2,) * n, strides=(2,) * n, padding=padding, rngs=nnx.Rngs(0)
     )
     ref.bias[...] = jax.random.normal(jax.random.key(9), (cout,))
-    up = UpConv2(cin, cout, rngs=nnx.Rngs(1))
+    up = UpConv2(cin, cout, spatial_dims=n, rngs=nnx.Rngs(1))
+    assert up.kernel.shape == ref.kernel.shape == (2,) * n + (cin, cout)
     up.kernel[...] = ref.kernel[...]
     up.bias[...] = ref.bias[...]
-    x = jax.random.normal(jax.random.key(2), (2, 3, 4, 5, cin))
-    r = jax.random.normal(jax.random.key(3), (2, 6, 8, 10, cout))
+    b, *spatial = in_shape
+    out_shape = (b, *(2 * s for s in spatial), cout)
+    x = jax.random.normal(jax.random.key(2), (*in_shape, cin))
+    r = jax.random.normal(jax.random.key(3), out_shape)
     y_ref, y = ref(x), up(x)
-    assert y.shape == y_ref.shape == (2, 6, 8, 10, cout)
+    assert y.shape == y_ref.shape == out_shape
     # f32 sums of 6 products in a different order: agreement to ~1e-6 relative.
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
 
@@ -94,6 +142,31 @@ def test_kernel_rank_is_3d():
     assert params["bottom"]["conv2"]["kernel"].shape == (3, 3, 3, 256, 256)
 
 
+def test_kernel_rank_is_2d():
+    block = ConvBlock(3, 16, spatial_dims=2, rngs=nnx.Rngs(0))
+    assert block.conv1.kernel.shape == (3, 3, 3, 16)
+    assert block.conv2.kernel.shape == (3, 3, 16, 16)
+    model = nnx.eval_shape(lambda: SegmentationModel(1, 2, spatial_dims=2, rngs=nnx.Rngs(0)))
+    assert model.encoder.spatial_dims == 2 and model.encoder.bottom_filters == 256
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    kernels = {
+        jax.tree_util.keystr(p): v.shape
+        for p, v in jax.tree_util.tree_leaves_with_path(params)
+        if "kernel" in str(p)
+    }
+    # Encoder 10 convs, decoder 4 up-convs + 8 convs + classifier, all rank 2 + (in, out).
+    assert len(kernels) == 23 and all(len(k) == 4 for k in kernels.values())
+    assert params["encoder"]["down0"]["conv1"]["kernel"].shape == (3, 3, 1, 16)
+    assert params["encoder"]["bottom"]["conv2"]["kernel"].shape == (3, 3, 256, 256)
+    assert params["decoder"]["up0"]["kernel"].shape == (2, 2, 32, 16)
+    assert params["decoder"]["classifier"]["kernel"].shape == (1, 1, 16, 2)
+    # Same tree as 3D: only kernel ranks differ.
+    model3 = nnx.eval_shape(lambda: SegmentationModel(1, 2, rngs=nnx.Rngs(0)))
+    params3 = nnx.to_pure_dict(nnx.state(model3, nnx.Param))
+    assert jax.tree.structure(params3) == jax.tree.structure(params)
+    assert Encoder is Encoder3D
+
+
 SHAPE_CASES = [(13, 13, 13), (16, 16, 16), (18, 18, 18), (20, 24, 18), (39, 39, 39)]
 
 
@@ -113,6 +186,40 @@ def test_encoder_decoder_shapes(seg_model, spatial):
     assert feats.shape == (2, *sizes[4], SMALL["bottom_filters"])
     logits = jax.eval_shape(lambda v: seg_model(v), x)
     assert logits.shape == (2, *spatial, 3)
+
+
+SHAPE_CASES_2D = [(13, 13), (16, 16), (20, 24), (7, 33), (1, 5)]
+
+
+@pytest.fixture(scope="module")
+def seg_model_2d():
+    return SegmentationModel(2, 3, spatial_dims=2, **SMALL, dropout_rate=0.0, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("spatial", SHAPE_CASES_2D)
+def test_encoder_decoder_shapes_2d(seg_model_2d, spatial):
+    x = jax.ShapeDtypeStruct((2, *spatial, 2), jnp.float32)
+    feats, skips = jax.eval_shape(lambda v: seg_model_2d.encoder(v), x)
+    sizes = [spatial]
+    for _ in range(4):
+        sizes.append(tuple(_ceil_half(s) for s in sizes[-1]))
+    assert [s.shape for s in skips] == [(2, *sizes[i], f) for i, f in enumerate(SMALL["filters"])]
+    assert feats.shape == (2, *sizes[4], SMALL["bottom_filters"])
+    logits = jax.eval_shape(lambda v: seg_model_2d(v), x)
+    assert logits.shape == (2, *spatial, 3)  # decoder output at the input's resolution
+
+
+def test_segmentation_forward_2d_odd_nonsquare(seg_model_2d):
+    x = jax.random.normal(jax.random.key(0), (2, 13, 10, 2))
+    logits = jax.jit(lambda v: seg_model_2d(v))(x)
+    assert logits.shape == (2, 13, 10, 3)
+    assert np.all(np.isfinite(np.asarray(logits)))
+    feats, _ = seg_model_2d.encoder(x)
+    assert global_max_pool(feats).shape == (2, SMALL["bottom_filters"])
+    np.testing.assert_array_equal(
+        np.asarray(global_max_pool(feats)), np.asarray(feats).max(axis=(1, 2))
+    )
+    assert flatten_features(feats).shape == (2, feats.shape[1] * feats.shape[2] * feats.shape[3])
 
 
 def test_segmentation_forward_odd_noncubic(seg_model):

@@ -1,8 +1,10 @@
-"""Tests of `ssl3d_jax.ops.patches`: grid order, offsets, jitter range, jit/vmap, errors."""
+"""Tests of `ssl3d_jax.ops.patches` (2D and 3D): grid order, offsets, jitter, jit/vmap, errors."""
 
 from __future__ import annotations
 
 import functools
+import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,26 +12,33 @@ import numpy as np
 import pytest
 
 from ssl3d_jax.errors import ConfigError
-from ssl3d_jax.ops.patches import extract_grid, num_patches, patch_shape
+from ssl3d_jax.ops.patches import (
+    extract_grid,
+    grid_starts,
+    num_patches,
+    patch_shape,
+    slice_patches,
+)
 
 P, J = 3, 2
 SHAPE = (15, 18, 12)  # non-cubic; cells 5 x 6 x 4, patches 3 x 4 x 2
+# Spatial shape per dimensionality: 3D as above, 2D non-square (cells 5 x 6 -> patches 3 x 4),
+# with 1-2 leftover pixels at the high end of each axis.
+SHAPES = {3: SHAPE, 2: (16, 20)}
+PSHAPES = {3: (3, 4, 2), 2: (3, 4)}
 
 
 def cell_constant_volume(shape, p):
-    """Volume whose every grid cell holds its row-major cell index (leftover voxels -1)."""
+    """Image / volume whose every grid cell holds its row-major cell index (leftover -1)."""
     vol = -np.ones(shape, np.float32)
     g = [s // p for s in shape]
-    for i in range(p):
-        for j in range(p):
-            for k in range(p):
-                cell = tuple(slice(a * n, (a + 1) * n) for a, n in zip((i, j, k), g))
-                vol[cell] = i * p * p + j * p + k
+    for n, cell in enumerate(itertools.product(range(p), repeat=len(shape))):
+        vol[tuple(slice(a * m, (a + 1) * m) for a, m in zip(cell, g))] = n
     return vol[..., None]
 
 
 def coordinate_volume(shape):
-    """3-channel volume whose voxel value is its own (d, h, w) coordinate."""
+    """n-channel image / volume whose pixel value is its own (d, h, w) / (h, w) coordinate."""
     return np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(
         np.float32
     )
@@ -47,60 +56,76 @@ def _batched(training):
     )
 
 
+def _crop(vol, start, shape):
+    return vol[tuple(slice(s, s + n) for s, n in zip(start, shape))]
+
+
 def test_helpers():
     assert num_patches(3) == 27
-    assert patch_shape(SHAPE, patches_per_side=P, jitter=J) == (3, 4, 2)
+    assert num_patches(3, spatial_dims=3) == 27
+    assert num_patches(3, spatial_dims=2) == 9
+    assert patch_shape((*SHAPE, 1), patches_per_side=P, jitter=J) == (3, 4, 2)
     assert patch_shape((128, 128, 128, 1), patches_per_side=3, jitter=3) == (39, 39, 39)
+    # 2D (rank-3 shape [H, W, C]): the original's kaggle retina and pancreas slice settings.
+    assert patch_shape((224, 224, 3), patches_per_side=3, jitter=8) == (66, 66)
+    assert patch_shape((128, 128, 1), patches_per_side=3, jitter=4) == (38, 38)
+    assert patch_shape((16, 20, 1), patches_per_side=P, jitter=J) == (3, 4)
+    starts = grid_starts((16, 20, 1), None, patches_per_side=P, jitter=J, training=False)
+    assert starts.shape == (9, 2) and starts.dtype == jnp.int32
+    # Row-major: the last axis varies fastest.
+    np.testing.assert_array_equal(np.asarray(starts[:4]), [[1, 1], [1, 7], [1, 13], [6, 1]])
 
 
+@pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("training", [True, False])
-def test_cell_constant_values(training):
-    vol = jnp.asarray(cell_constant_volume(SHAPE, P))
+def test_cell_constant_values(n, training):
+    vol = jnp.asarray(cell_constant_volume(SHAPES[n], P))
     out = np.asarray(_jitted(training)(vol, jax.random.key(0)))
-    assert out.shape == (27, 3, 4, 2, 1)
-    for n in range(27):
-        np.testing.assert_array_equal(out[n], n)  # constant and equal to its own row-major index
+    assert out.shape == (P**n, *PSHAPES[n], 1)
+    for i in range(P**n):
+        np.testing.assert_array_equal(out[i], i)  # constant and equal to its own row-major index
 
 
-def test_eval_offset_is_half_jitter():
-    vol = np.random.default_rng(0).normal(size=(*SHAPE, 2)).astype(np.float32)
-    out = np.asarray(
-        jax.jit(functools.partial(extract_grid, patches_per_side=P, jitter=J, training=False))(
-            jnp.asarray(vol), None
-        )
-    )
-    g, ps, o = (5, 6, 4), (3, 4, 2), J // 2
-    n = 0
-    for i in range(P):
-        for j in range(P):
-            for k in range(P):
-                s = (i * g[0] + o, j * g[1] + o, k * g[2] + o)
-                ref = vol[s[0] : s[0] + ps[0], s[1] : s[1] + ps[1], s[2] : s[2] + ps[2]]
-                np.testing.assert_array_equal(out[n], ref)
-                n += 1
+@pytest.mark.parametrize("n", [2, 3])
+def test_eval_offset_is_half_jitter(n):
+    vol = np.random.default_rng(0).normal(size=(*SHAPES[n], 2)).astype(np.float32)
+    out = np.asarray(_jitted(False)(jnp.asarray(vol), None))
+    g, ps, o = [s // P for s in SHAPES[n]], PSHAPES[n], J // 2
+    for i, cell in enumerate(itertools.product(range(P), repeat=n)):
+        start = [c * m + o for c, m in zip(cell, g)]
+        np.testing.assert_array_equal(out[i], _crop(vol, start, ps))
 
 
-def test_training_offsets_cover_range_and_match_numpy():
-    vol = coordinate_volume(SHAPE)
+@pytest.mark.parametrize("n", [2, 3])
+def test_training_offsets_cover_range_and_match_numpy(n):
+    vol = coordinate_volume(SHAPES[n])
     keys = jax.random.split(jax.random.key(1), 64)
     vols = jnp.broadcast_to(jnp.asarray(vol), (64, *vol.shape))
-    out = np.asarray(_batched(True)(vols, keys))  # [64, 27, 3, 4, 2, 3]
-    g, ps = np.array([5, 6, 4]), (3, 4, 2)
-    cells = np.stack(np.meshgrid(*[np.arange(P)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    starts = out[:, :, 0, 0, 0, :].astype(int)  # the corner voxel holds its own coordinate
+    out = np.asarray(_batched(True)(vols, keys))  # [64, P**n, *patch, n]
+    g, ps = np.array([s // P for s in SHAPES[n]]), PSHAPES[n]
+    cells = np.array(list(itertools.product(range(P), repeat=n)))
+    starts = out[(slice(None), slice(None), *([0] * n))].astype(int)  # corner holds its coords
     offsets = starts - cells[None] * g
     assert offsets.min() == 0 and offsets.max() == J
-    for a in range(3):  # every offset value appears on every axis
+    for a in range(n):  # every offset value appears on every axis
         assert set(np.unique(offsets[..., a])) == set(range(J + 1))
     for b in range(0, 64, 7):
-        for n in range(27):
-            s = starts[b, n]
-            ref = vol[s[0] : s[0] + ps[0], s[1] : s[1] + ps[1], s[2] : s[2] + ps[2]]
-            np.testing.assert_array_equal(out[b, n], ref)
+        for i in range(P**n):
+            np.testing.assert_array_equal(out[b, i], _crop(vol, starts[b, i], ps))
 
 
-def test_determinism():
-    vol = jnp.asarray(coordinate_volume(SHAPE))
+def test_slice_patches_2d_matches_grid_starts():
+    img = jax.random.normal(jax.random.key(0), (16, 20, 3))
+    key = jax.random.key(2)
+    starts = grid_starts(img.shape, key, patches_per_side=P, jitter=J, training=True)
+    got = slice_patches(img, starts[jnp.array([4, 0])], (3, 4))
+    grid = extract_grid(img, key, patches_per_side=P, jitter=J, training=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(grid[jnp.array([4, 0])]))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_determinism(n):
+    vol = jnp.asarray(coordinate_volume(SHAPES[n]))
     f = _jitted(True)
     a = np.asarray(f(vol, jax.random.key(3)))
     b = np.asarray(f(vol, jax.random.key(3)))
@@ -118,13 +143,22 @@ def test_jit_vmap_matches_single():
         np.testing.assert_array_equal(batched[b], np.asarray(_jitted(True)(vols[b], keys[b])))
 
 
+@pytest.mark.parametrize("shape", [(12, 12, 12, 1), (12, 12, 1)])
 @pytest.mark.parametrize("p, j", [(3, 5), (4, 4), (0, 0), (3, -1)])
-def test_bad_sizes_raise(p, j):
+def test_bad_sizes_raise(shape, p, j):
     with pytest.raises(ConfigError):
         extract_grid(
-            jnp.zeros((12, 12, 12, 1)),
+            jnp.zeros(shape),
             jax.random.key(0),
             patches_per_side=p,
             jitter=j,
             training=True,
         )
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (2, 12, 12, 12, 1)])
+def test_bad_rank_raises_with_shape(shape):
+    with pytest.raises(ConfigError, match=re.escape(str(shape))):
+        extract_grid(jnp.zeros(shape), None, patches_per_side=3, jitter=0, training=False)
+    with pytest.raises(ConfigError):
+        num_patches(3, spatial_dims=4)

@@ -1,4 +1,5 @@
-"""Tests of the RPL pretext task (`ssl3d_jax.tasks.rpl`): labels, batches, model, loss, overfit."""
+"""Tests of the RPL pretext task (`ssl3d_jax.tasks.rpl`), 3D and 2D: labels, batches, model, loss,
+overfit."""
 
 from __future__ import annotations
 
@@ -18,17 +19,18 @@ from ssl3d_jax.tasks import rpl
 
 P, J = 3, 2
 SIDE = 15  # cells of 5, patches of 3
-# num_groups=1: the 5^3 patches of a 24^3 volume reach a 1^3 bottom, where GroupNorm normalises
-# each group over its channels alone; with 2 channels per group that collapses to +-1 and erases the
-# input. One group of 8 keeps the information (the paper's 256 / 8 = 32 per group is fine).
-ENC = dict(filters=(4, 8, 8, 8), bottom_filters=8, num_groups=1)
+# num_groups=1: at a tiny bottom GroupNorm normalises each group over few values; with 2 channels
+# per group at a 1^3 bottom it collapses to +-1 and erases the input. Two levels (5^3 patches ->
+# 3^3 bottom): with four levels (1^3 bottom of 8 channels) the 3D overfit plateaued near log(4).
+ENC = dict(filters=(4, 8), bottom_filters=8, num_groups=1)
 
 
-def cell_constant_volume(side, p):
-    """`[side, side, side, 1]` volume, each grid cell holding its row-major cell index."""
+def cell_constant_volume(side, p, spatial_dims=3):
+    """`[side] * spatial_dims + [1]` image / volume, each grid cell holding its row-major index."""
     g = side // p
     idx = np.minimum(np.arange(side) // g, p - 1)
-    vol = idx[:, None, None] * p * p + idx[None, :, None] * p + idx[None, None, :]
+    grids = np.meshgrid(*[idx] * spatial_dims, indexing="ij")
+    vol = sum(c * p ** (spatial_dims - 1 - a) for a, c in enumerate(grids))
     return vol.astype(np.float32)[..., None]
 
 
@@ -42,6 +44,9 @@ def _batch_fn(training):
 def test_num_classes():
     assert rpl.num_classes(3) == 26
     assert rpl.num_classes(5) == 124
+    assert rpl.num_classes(3, spatial_dims=3) == 26
+    assert rpl.num_classes(3, spatial_dims=2) == 8  # the original's 2D RPL: 9 tiles, 8 classes
+    assert rpl.num_classes(5, spatial_dims=2) == 24
     with pytest.raises(ConfigError):
         rpl.num_classes(2)
     with pytest.raises(ConfigError):
@@ -54,32 +59,39 @@ def test_num_classes():
         )
 
 
+@pytest.mark.parametrize("n", [3, 2])
 @pytest.mark.parametrize("training", [True, False])
-def test_labels_match_query_position(training):
-    n_vol = 400
-    vol = jnp.asarray(cell_constant_volume(SIDE, P))
+def test_labels_match_query_position(n, training):
+    n_vol = 400 if n == 3 else 200
+    vol = jnp.asarray(cell_constant_volume(SIDE, P, n))
     vols = jnp.broadcast_to(vol, (n_vol, *vol.shape))
     pairs, labels = _batch_fn(training)(vols, jax.random.key(0))
     pairs, labels = np.asarray(pairs), np.asarray(labels)
-    assert pairs.shape == (n_vol, 2, 3, 3, 3, 1) and labels.dtype == np.int32
-    centre = 13
+    assert pairs.shape == (n_vol, 2, *(3,) * n, 1) and labels.dtype == np.int32
+    centre = {3: 13, 2: 4}[n]  # the original's centre indices: floor(27 / 2), floor(9 / 2)
     np.testing.assert_array_equal(pairs[:, 0], centre)  # reference is the constant centre cell
     query_index = np.where(labels < centre, labels, labels + 1)
     for b in range(n_vol):
         np.testing.assert_array_equal(pairs[b, 1], query_index[b])
-    assert set(labels.tolist()) == set(range(26))  # every class drawn, never out of range
+    # Every class drawn, never out of range.
+    assert set(labels.tolist()) == set(range(rpl.num_classes(P, n)))
     assert not np.any(query_index == centre)
 
 
-def test_sample_pair_equals_extract_grid():
-    vol = jax.random.normal(jax.random.key(1), (SIDE, 16, 17, 2))
-    key = jax.random.key(7)
-    pair, label = rpl.sample_pair(vol, key, patches_per_side=P, jitter=J, training=True)
-    key_grid, _ = jax.random.split(key)
-    grid = extract_grid(vol, key_grid, patches_per_side=P, jitter=J, training=True)
-    q = int(label) + (int(label) >= 13)
-    np.testing.assert_array_equal(np.asarray(pair[0]), np.asarray(grid[13]))
-    np.testing.assert_array_equal(np.asarray(pair[1]), np.asarray(grid[q]))
+@pytest.mark.parametrize(
+    "shape, centre", [((SIDE, 16, 17, 2), 13), ((SIDE, 17, 2), 4)], ids=["3d", "2d"]
+)
+def test_sample_pair_equals_extract_grid(shape, centre):
+    vol = jax.random.normal(jax.random.key(1), shape)
+    for seed in range(3):
+        key = jax.random.key(7 + seed)
+        pair, label = rpl.sample_pair(vol, key, patches_per_side=P, jitter=J, training=True)
+        key_grid, _ = jax.random.split(key)
+        grid = extract_grid(vol, key_grid, patches_per_side=P, jitter=J, training=True)
+        q = int(label) + (int(label) >= centre)
+        assert pair.shape == (2, *grid.shape[1:])
+        np.testing.assert_array_equal(np.asarray(pair[0]), np.asarray(grid[centre]))
+        np.testing.assert_array_equal(np.asarray(pair[1]), np.asarray(grid[q]))
 
 
 def test_make_batch_determinism():
@@ -92,11 +104,16 @@ def test_make_batch_determinism():
     assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
 
 
-@pytest.fixture(scope="module")
-def model_and_step():
-    """Tiny RPL model plus one jitted (loss, grads) function over pure params."""
+@functools.cache
+def _model_and_step(n):
+    """Tiny RPL model (n spatial dims) plus one jitted (loss, grads) function over pure params."""
     model = rpl.RPLModel(
-        1, patches_per_side=3, encoder_kwargs=ENC, head_hidden=(32,), rngs=nnx.Rngs(0)
+        1,
+        patches_per_side=3,
+        spatial_dims=n,
+        encoder_kwargs=ENC,
+        head_hidden=(32,),
+        rngs=nnx.Rngs(0),
     )
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
@@ -109,20 +126,28 @@ def model_and_step():
     return model, params, jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
-def test_model_logits_shape(model_and_step):
-    model, _, _ = model_and_step
-    logits = model(jnp.zeros((3, 2, 5, 5, 5, 1)))
-    assert logits.shape == (3, 26)
+@pytest.mark.parametrize("n", [3, 2])
+def test_model_logits_shape(n):
+    model, _, _ = _model_and_step(n)
+    assert model.encoder.spatial_dims == n
+    logits = model(jnp.zeros((3, 2, *(5,) * n, 1)))
+    assert logits.shape == (3, rpl.num_classes(3, n))
+    with pytest.raises(ConfigError, match="rank"):
+        model(jnp.zeros((3, 2, *(5,) * (5 - n), 1)))  # 2D pairs into the 3D model and vice versa
 
 
-def test_loss_at_init_and_overfit(model_and_step):
-    _, params, value_and_grad = model_and_step
-    volumes = jax.random.uniform(jax.random.key(0), (4, 24, 24, 24, 1))
+# Measured (60 Adam steps, lr 3e-3): 3D 3.258 -> 0.257, 2D 2.079 -> 0.048, accuracy 1.0 in
+# both. The loss first drops towards log(4) (label marginal of the 4 pairs), then the encoder
+# learns to tell the pairs apart.
+@pytest.mark.parametrize("n", [3, 2])
+def test_loss_at_init_and_overfit(n):
+    _, params, value_and_grad = _model_and_step(n)
+    volumes = jax.random.uniform(jax.random.key(0), (4, *(24,) * n, 1))
     key = jax.random.key(1)  # fixed: the same 4 pairs every step, so the model can memorise them
     (loss0, metrics), _ = value_and_grad(params, volumes, key)
     assert np.isfinite(float(loss0))
     # Zero-initialised output layer: exactly uniform logits at init.
-    np.testing.assert_allclose(float(loss0), math.log(26), rtol=1e-5)
+    np.testing.assert_allclose(float(loss0), math.log(rpl.num_classes(3, n)), rtol=1e-5)
     assert set(metrics) == {"loss", "accuracy"}
 
     tx = optax.adam(3e-3)
@@ -132,23 +157,27 @@ def test_loss_at_init_and_overfit(model_and_step):
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
     (loss, metrics), _ = value_and_grad(params, volumes, key)
-    # Measured: 3.26 -> ~0.67 after 60 steps with accuracy 1.0; the loss first drops to log(4)
-    # (label marginal of the 4 pairs), then the encoder learns to tell the pairs apart.
-    assert float(loss) < 0.35 * float(loss0), (float(loss0), float(loss))
+    assert float(loss) < 0.25 * float(loss0), (float(loss0), float(loss))
     assert float(metrics["accuracy"]) >= 0.75
 
 
-def test_make_task_smoke_config():
+@pytest.mark.parametrize("n", [3, 2])
+def test_make_task_smoke_config(n):
     import ml_collections
 
     config = ml_collections.ConfigDict(
         dict(
+            data=dict(spatial_dims=n),
             model=dict(filters=(4, 8), bottom_filters=8, num_groups=1, dropout_rate=0.1),
             rpl=dict(patches_per_side=3, jitter=1, head_hidden=(8,), head_dropout=0.1),
         )
     )
     task = rpl.make_task(config, in_channels=1)
+    assert task.input_spec["spatial_dims"] == n
     model = task.build_model(nnx.Rngs(0))
-    assert model.encoder.filters == (4, 8)
-    loss, metrics = task.loss(model, jnp.ones((2, 12, 12, 12, 1)), jax.random.key(0))
+    assert model.encoder.filters == (4, 8) and model.encoder.spatial_dims == n
+    assert model.head.out.kernel.shape[-1] == rpl.num_classes(3, n)
+    loss, metrics = task.loss(model, jnp.ones((2, *(12,) * n, 1)), jax.random.key(0))
     assert np.isfinite(float(loss)) and set(metrics) == {"loss", "accuracy"}
+    with pytest.raises(ConfigError, match="spatial_dims"):
+        task.loss(model, jnp.ones((2, *(12,) * (5 - n), 1)), jax.random.key(0))

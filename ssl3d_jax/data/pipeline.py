@@ -90,7 +90,8 @@ def make_train_dataset(
 
     Args:
       source: a random-access source (`__len__`, `__getitem__`), e.g. `BratsSource`.
-      transform: a `grain.transforms.Map` or a picklable callable record -> record.
+      transform: a `grain.transforms.Map` or a picklable callable record -> record, or None
+        when `source` already yields finished records.
       batch_size: per-shard batch size; the last incomplete batch of the stream is dropped.
       seed: shuffle seed; the same seed gives the same batches whatever `num_workers`.
       num_workers: worker processes (0: read in this process with `num_threads` threads).
@@ -98,11 +99,11 @@ def make_train_dataset(
       cache_bytes: keep transformed records in memory up to this many bytes per process
         (`CachedSource`); 0 transforms every record every epoch.
     """
-    if cache_bytes > 0:
-        ds = grain.MapDataset.source(CachedSource(source, transform, cache_bytes=cache_bytes))
-        ds = ds.seed(seed).shuffle()
-    else:
-        ds = grain.MapDataset.source(source).seed(seed).shuffle().map(transform)
+    if transform is not None and cache_bytes > 0:
+        source, transform = CachedSource(source, transform, cache_bytes=cache_bytes), None
+    ds = grain.MapDataset.source(source).seed(seed).shuffle()
+    if transform is not None:
+        ds = ds.map(transform)
     ds = ds.repeat().batch(batch_size, drop_remainder=True)
     # Slicing a MapDataset shards deterministically; it must happen before to_iter_dataset.
     ds = ds[shard_index::shard_count]

@@ -1,13 +1,17 @@
-"""Building blocks of the 3D U-Net (Taleb et al., NeurIPS 2020; original `models/unet3d.py`).
+"""Building blocks of the 2D / 3D U-Net (Taleb et al., NeurIPS 2020; original `models/unet3d.py`
+and, for 2D, `models/unet.py`).
 
-Everything is channels-last: `[B, D, H, W, C]`.
+Everything is channels-last: `[B, D, H, W, C]` in 3D, `[B, H, W, C]` in 2D. Modules take
+`spatial_dims` (3 by default, the paper's setting; 2 for the original's 2D baselines) and build
+kernels of that rank; `max_pool2` reads it from its input's rank.
 
-* `max_pool2`: 2x2x2 stride-2 max-pool with ceil output size ("SAME"-style), as reshape + max.
-* `UpConv2`: exact 2x2x2 stride-2 transposed conv (the original's `Conv3DTranspose(f, 2, 2)`),
-  computed as one einsum + depth-to-space. XLA:CPU runs `ConvTranspose` stride 2 as an
-  lhs-dilated convolution at ~1 GFLOP/s; the rewrite measured 60x faster forward and 13x faster
-  forward + backward (cpu_measurements.md section 3). Same parameters, same result.
-* `ConvBlock`: the original's "conv3d block", two 3x3x3 SAME convolutions.
+* `max_pool2`: 2x..x2 stride-2 max-pool with ceil output size ("SAME"-style), as reshape + max.
+* `UpConv2`: exact 2x..x2 stride-2 transposed conv (the original's `Conv3DTranspose(f, 2, 2)` /
+  `Conv2DTranspose(f, 2, 2)`), computed as one einsum + depth-to-space. XLA:CPU runs
+  `ConvTranspose` stride 2 as an lhs-dilated convolution at ~1 GFLOP/s; the rewrite measured 60x
+  faster forward and 13x faster forward + backward in 3D (cpu_measurements.md section 3). Same
+  parameters, same result.
+* `ConvBlock`: the original's "conv3d block" (or 2D "conv block"), two 3x..x3 SAME convolutions.
 
 Deviation from the original in `ConvBlock` (and the whole library): **GroupNorm instead of
 BatchNorm, placed before the ReLU** (the original did Conv+ReLU then BN). GroupNorm carries no
@@ -27,49 +31,66 @@ from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
 
-__all__ = ["max_pool2", "UpConv2", "ConvBlock", "group_count"]
+__all__ = ["max_pool2", "UpConv2", "ConvBlock", "group_count", "check_spatial_dims"]
+
+_AXES = "dhw"  # einsum letters of the spatial axes (the last `spatial_dims` of them are used)
+
+
+def check_spatial_dims(spatial_dims: int) -> int:
+    """Returns `spatial_dims` as an int; raises `ConfigError` unless it is 2 or 3."""
+    if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
+        raise ConfigError(
+            f"spatial_dims (config.data.spatial_dims) must be 2 or 3, got {spatial_dims!r}."
+        )
+    return int(spatial_dims)
 
 
 def max_pool2(x: jax.Array) -> jax.Array:
-    """2x2x2 max-pool, stride 2, with "SAME"-style (ceil) output size.
+    """2x2(x2) max-pool, stride 2, with "SAME"-style (ceil) output size, in 2D or 3D.
 
     Odd axes are padded with -inf at the high end, so the last window of an odd axis holds just one
     voxel; no axis ever becomes empty, so any input of >= 1 voxel per axis works. Implemented as
     reshape + max, which is exact and much faster on XLA:CPU than `reduce_window`.
 
     Args:
-      x: `[B, D, H, W, C]` floating point.
+      x: `[B, *spatial, C]` floating point with 2 (`[B, H, W, C]`) or 3 (`[B, D, H, W, C]`)
+        spatial axes; every spatial axis is pooled.
 
     Returns:
-      `[B, ceil(D/2), ceil(H/2), ceil(W/2), C]`, dtype of `x`.
+      `[B, *ceil(spatial / 2), C]`, dtype of `x`.
     """
-    b, d, h, w, c = x.shape
-    pads = [(0, 0)] + [(0, s % 2) for s in (d, h, w)] + [(0, 0)]
+    if x.ndim not in (4, 5):
+        raise ConfigError(
+            f"max_pool2 expects [B, H, W, C] or [B, D, H, W, C], got shape {x.shape}."
+        )
+    b, *spatial, c = x.shape
+    pads = [(0, 0)] + [(0, s % 2) for s in spatial] + [(0, 0)]
     if any(p[1] for p in pads):
         x = jnp.pad(x, pads, constant_values=jnp.array(-jnp.inf, dtype=x.dtype))
-    d2, h2, w2 = (d + 1) // 2, (h + 1) // 2, (w + 1) // 2
-    x = x.reshape(b, d2, 2, h2, 2, w2, 2, c)
-    return jnp.max(x, axis=(2, 4, 6))
+    halves = [(s + 1) // 2 for s in spatial]
+    x = x.reshape(b, *[n for h in halves for n in (h, 2)], c)
+    return jnp.max(x, axis=tuple(range(2, 2 + 2 * len(spatial), 2)))
 
 
 class UpConv2(nnx.Module):
-    """2x2x2 stride-2 transposed convolution as einsum + depth-to-space.
+    """2x2(x2) stride-2 transposed convolution as einsum + depth-to-space, in 2D or 3D.
 
-    Exactly equals `nnx.ConvTranspose(in_features, out_features, kernel_size=(2, 2, 2),
-    strides=(2, 2, 2), padding='VALID' or 'SAME')` with the same `kernel` and `bias` (for k = s = 2
+    Exactly equals `nnx.ConvTranspose(in_features, out_features, kernel_size=(2,) * n,
+    strides=(2,) * n, padding='VALID' or 'SAME')` with the same `kernel` and `bias` (for k = s = 2
     the windows do not overlap and both paddings give a 2x larger output). The parameter layout is
-    ConvTranspose's, `kernel (2, 2, 2, in, out)` and `bias (out,)`, so checkpoints are
+    ConvTranspose's, `kernel (2,) * n + (in, out)` and `bias (out,)`, so checkpoints are
     interchangeable. ConvTranspose (transpose_kernel=False) correlates the zero-dilated input with
-    the kernel, which puts kernel tap `(1 - a, 1 - b, 1 - c)` at output sub-position `(a, b, c)`;
+    the kernel, which puts kernel tap `(1 - a, 1 - b, ...)` at output sub-position `(a, b, ...)`;
     hence the spatial flip below.
 
     Args:
       in_features: input channels.
       out_features: output channels.
+      spatial_dims: n, 3 (volumes, default) or 2 (images).
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
-      x `[B, D, H, W, in]` -> `[B, 2D, 2H, 2W, out]`, dtype of the promoted inputs.
+      x `[B, *spatial, in]` -> `[B, *(2 * spatial), out]`, dtype of the promoted inputs.
     """
 
     def __init__(
@@ -77,21 +98,34 @@ class UpConv2(nnx.Module):
         in_features: int,
         out_features: int,
         *,
+        spatial_dims: int = 3,
         kernel_init: nnx.Initializer = nnx.initializers.lecun_normal(),
         bias_init: nnx.Initializer = nnx.initializers.zeros_init(),
         rngs: nnx.Rngs,
     ):
         self.in_features = in_features
         self.out_features = out_features
-        self.kernel = nnx.Param(kernel_init(rngs.params(), (2, 2, 2, in_features, out_features)))
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        shape = (2,) * self.spatial_dims + (in_features, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape))
         self.bias = nnx.Param(bias_init(rngs.params(), (out_features,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, d, h, w, _ = x.shape
-        kernel = self.kernel[...][::-1, ::-1, ::-1]
-        # One matmul: every input voxel emits a 2x2x2 block of output voxels.
-        y = jnp.einsum("bdhwc,xyzco->bdxhywzo", x, kernel)
-        y = y.reshape(b, 2 * d, 2 * h, 2 * w, self.out_features)
+        n = self.spatial_dims
+        if x.ndim != n + 2:
+            raise ConfigError(
+                f"UpConv2(spatial_dims={n}) expects [B, *spatial, C] of rank {n + 2}, got shape "
+                f"{x.shape}."
+            )
+        b, *spatial, _ = x.shape
+        kernel = self.kernel[...][(slice(None, None, -1),) * n]
+        # One matmul: every input voxel emits a 2x..x2 block of output voxels. 3D:
+        # "bdhwc,xyzco->bdxhywzo"; 2D: "bhwc,yzco->bhywzo".
+        axes, taps = _AXES[-n:], "xyz"[-n:]
+        y = jnp.einsum(
+            f"b{axes}c,{taps}co->b{''.join(a + t for a, t in zip(axes, taps))}o", x, kernel
+        )
+        y = y.reshape(b, *(2 * s for s in spatial), self.out_features)
         return y + self.bias[...]
 
 
@@ -108,7 +142,7 @@ def group_count(channels: int, num_groups: int) -> int:
 
 
 class ConvBlock(nnx.Module):
-    """The paper's "conv3d block": 2 x [Conv 3x3x3 SAME -> GroupNorm -> ReLU].
+    """The paper's "conv3d block": 2 x [Conv 3x3x3 SAME -> GroupNorm -> ReLU] (3x3 in 2D).
 
     Optional element-wise dropout after the first conv/norm/ReLU (the original: Dropout(0.5) after
     the first conv, not spatial). Deviation from the original: GroupNorm instead of BatchNorm and
@@ -120,12 +154,13 @@ class ConvBlock(nnx.Module):
       channels: output channels of both convolutions.
       num_groups: GroupNorm groups, `min(num_groups, channels)` (see `group_count`).
       dropout_rate: element-wise dropout rate after the first conv; 0 disables it.
+      spatial_dims: 3 (kernels `(3, 3, 3, in, out)`, default) or 2 (kernels `(3, 3, in, out)`).
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
-      `x [B, D, H, W, in_channels]`, `train` (static bool: dropout on), `rngs`
+      `x [B, *spatial, in_channels]`, `train` (static bool: dropout on), `rngs`
       (`nnx.Rngs(dropout=key)`, needed only if `train` and `dropout_rate > 0`) ->
-      `[B, D, H, W, channels]`.
+      `[B, *spatial, channels]`, spatial = (D, H, W) or (H, W).
     """
 
     def __init__(
@@ -135,11 +170,14 @@ class ConvBlock(nnx.Module):
         *,
         num_groups: int = 8,
         dropout_rate: float = 0.0,
+        spatial_dims: int = 3,
         rngs: nnx.Rngs,
     ):
         groups = group_count(channels, num_groups)
+        self.spatial_dims = check_spatial_dims(spatial_dims)
         conv = dict(
-            kernel_size=(3, 3, 3),  # tuple: an int would silently build a 1-D kernel
+            # tuple: an int would silently build a 1-D kernel
+            kernel_size=(3,) * self.spatial_dims,
             padding="SAME",
             use_bias=False,
             kernel_init=nnx.initializers.he_normal(),
@@ -157,6 +195,12 @@ class ConvBlock(nnx.Module):
     def __call__(
         self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
     ) -> jax.Array:
+        if x.ndim != self.spatial_dims + 2:
+            # A 3D conv would silently treat a [B, H, W, C] batch as one unbatched volume.
+            raise ConfigError(
+                f"ConvBlock(spatial_dims={self.spatial_dims}) expects [B, *spatial, C] of rank "
+                f"{self.spatial_dims + 2}, got shape {x.shape}."
+            )
         x = nnx.relu(self.norm1(self.conv1(x)))
         if train and self.dropout_rate > 0.0:
             if rngs is None:

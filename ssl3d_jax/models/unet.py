@@ -1,4 +1,10 @@
-"""3D U-Net encoder and decoder (Taleb et al., NeurIPS 2020; original `models/unet3d.py`).
+"""2D / 3D U-Net encoder and decoder (Taleb et al., NeurIPS 2020; original `models/unet3d.py`,
+and `models/unet.py` for the 2D baselines).
+
+Every module takes `spatial_dims` (3 by default: volumes `[B, D, H, W, C]`, the paper's setting;
+2: images `[B, H, W, C]`, same architecture with 3x3 convs, 2x2 pools and 2x2 up-convs). The
+parameter tree is the same in both cases (only kernel ranks differ), and the 3D tree is unchanged
+from the 3D-only version, so old checkpoints restore.
 
 Encoder (`downconv_model_3d`, spec section 1.4): for each width f in (16, 32, 64, 128):
 ConvBlock(f) -> keep as skip -> 2x2x2 max-pool; then a bottom ConvBlock(256). Decoder
@@ -28,25 +34,51 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssl3d_jax.models.layers import ConvBlock, UpConv2, max_pool2
+from ssl3d_jax.errors import ConfigError
+from ssl3d_jax.models.layers import ConvBlock, UpConv2, check_spatial_dims, max_pool2
 
-__all__ = ["Encoder3D", "UNetDecoder", "SegmentationModel", "global_max_pool"]
+__all__ = [
+    "Encoder3D",
+    "Encoder",
+    "UNetDecoder",
+    "SegmentationModel",
+    "global_max_pool",
+    "flatten_features",
+]
 
 
 def global_max_pool(x: jax.Array) -> jax.Array:
-    """Max over all spatial positions: `[B, d, h, w, F]` -> `[B, F]`.
+    """Max over all spatial positions: `[B, *spatial, F]` -> `[B, F]` (any number of spatial axes).
 
     Generalises the original's final 2x2x2 max-pool of a 2^3 bottom (giving 1^3 x F) to any bottom
     size.
     """
-    return jnp.max(x, axis=(1, 2, 3))
+    return jnp.max(x, axis=tuple(range(1, x.ndim - 1)))
+
+
+def flatten_features(x: jax.Array) -> jax.Array:
+    """Flattens everything but the batch axis: `[B, *spatial, F]` -> `[B, prod(spatial) * F]`.
+
+    The original's `Flatten()` over the encoder's bottom (e.g. for CPC / Exemplar embeddings); only
+    meaningful when the bottom's spatial size is fixed by the patch size.
+    """
+    return x.reshape(x.shape[0], -1)
+
+
+def _check_rank(x: jax.Array, spatial_dims: int, name: str) -> None:
+    if x.ndim != spatial_dims + 2:
+        raise ConfigError(
+            f"{name}(spatial_dims={spatial_dims}) expects [B, *spatial, C] of rank "
+            f"{spatial_dims + 2}, got shape {x.shape}."
+        )
 
 
 class Encoder3D(nnx.Module):
-    """U-Net contracting path.
+    """U-Net contracting path, 3D (default) or 2D. Also exported as `Encoder`.
 
     Args:
       in_channels: input channels C.
+      spatial_dims: 3 (volumes, default) or 2 (images); exposed as `self.spatial_dims`.
       filters: widths of the pooled levels (paper: 16, 32, 64, 128).
       bottom_filters: width of the bottom block (paper: 256).
       num_groups: GroupNorm groups per block.
@@ -56,35 +88,39 @@ class Encoder3D(nnx.Module):
     Call:
       `x [B, D, H, W, C]` float -> `(features, skips)`: `features [B, d, h, w, bottom_filters]`
       with `d = D` ceil-halved `len(filters)` times, `skips` a tuple shallow -> deep,
-      `skips[i]: [B, D_i, H_i, W_i, filters[i]]` with `D_0 = D`.
+      `skips[i]: [B, D_i, H_i, W_i, filters[i]]` with `D_0 = D`. In 2D the same without the D
+      axis: `x [B, H, W, C]` -> `features [B, h, w, bottom_filters]`.
     """
 
     def __init__(
         self,
         in_channels: int,
         *,
+        spatial_dims: int = 3,
         filters: Sequence[int] = (16, 32, 64, 128),
         bottom_filters: int = 256,
         num_groups: int = 8,
         dropout_rate: float = 0.0,
         rngs: nnx.Rngs,
     ):
+        self.spatial_dims = check_spatial_dims(spatial_dims)
         self.filters = tuple(int(f) for f in filters)
         self.bottom_filters = int(bottom_filters)
+        block_kwargs = dict(
+            num_groups=num_groups, dropout_rate=dropout_rate, spatial_dims=self.spatial_dims
+        )
         cin = in_channels
         # Named attributes (down0, down1, ...) rather than a list: the pure param dict then has
         # string keys only (params['encoder']['down0']['conv1']['kernel']), clean for orbax.
         for i, f in enumerate(self.filters):
-            block = ConvBlock(cin, f, num_groups=num_groups, dropout_rate=dropout_rate, rngs=rngs)
-            setattr(self, f"down{i}", block)
+            setattr(self, f"down{i}", ConvBlock(cin, f, **block_kwargs, rngs=rngs))
             cin = f
-        self.bottom = ConvBlock(
-            cin, self.bottom_filters, num_groups=num_groups, dropout_rate=dropout_rate, rngs=rngs
-        )
+        self.bottom = ConvBlock(cin, self.bottom_filters, **block_kwargs, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        _check_rank(x, self.spatial_dims, "Encoder3D")
         skips = []
         for i in range(len(self.filters)):
             x = getattr(self, f"down{i}")(x, train=train, rngs=rngs)
@@ -96,9 +132,10 @@ class Encoder3D(nnx.Module):
 
 
 class UNetDecoder(nnx.Module):
-    """U-Net expanding path with a 1x1x1 classification conv.
+    """U-Net expanding path with a 1x1x1 (1x1 in 2D) classification conv.
 
     Args:
+      spatial_dims: 3 (volumes, default) or 2 (images).
       filters: the encoder's level widths, shallow -> deep (paper: 16, 32, 64, 128).
       bottom_filters: the encoder's bottom width (paper: 256).
       num_classes: output channels (logits).
@@ -108,12 +145,14 @@ class UNetDecoder(nnx.Module):
 
     Call:
       `features [B, d, h, w, bottom_filters]`, `skips` as returned by `Encoder3D` ->
-      logits `[B, D, H, W, num_classes]` at the resolution of `skips[0]` (the input's).
+      logits `[B, D, H, W, num_classes]` at the resolution of `skips[0]` (the input's); in 2D
+      `[B, H, W, num_classes]`.
     """
 
     def __init__(
         self,
         *,
+        spatial_dims: int = 3,
         filters: Sequence[int] = (16, 32, 64, 128),
         bottom_filters: int = 256,
         num_classes: int,
@@ -121,18 +160,16 @@ class UNetDecoder(nnx.Module):
         dropout_rate: float = 0.0,
         rngs: nnx.Rngs,
     ):
+        n = self.spatial_dims = check_spatial_dims(spatial_dims)
         self.filters = tuple(int(f) for f in filters)
+        block_kwargs = dict(num_groups=num_groups, dropout_rate=dropout_rate, spatial_dims=n)
         cin = int(bottom_filters)
         for i in reversed(range(len(self.filters))):
             f = self.filters[i]
-            setattr(self, f"up{i}", UpConv2(cin, f, rngs=rngs))
-            setattr(
-                self,
-                f"block{i}",
-                ConvBlock(2 * f, f, num_groups=num_groups, dropout_rate=dropout_rate, rngs=rngs),
-            )
+            setattr(self, f"up{i}", UpConv2(cin, f, spatial_dims=n, rngs=rngs))
+            setattr(self, f"block{i}", ConvBlock(2 * f, f, **block_kwargs, rngs=rngs))
             cin = f
-        self.classifier = nnx.Conv(cin, num_classes, kernel_size=(1, 1, 1), rngs=rngs)
+        self.classifier = nnx.Conv(cin, num_classes, kernel_size=(1,) * n, rngs=rngs)
 
     def __call__(
         self,
@@ -142,27 +179,28 @@ class UNetDecoder(nnx.Module):
         train: bool = False,
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
+        _check_rank(features, self.spatial_dims, "UNetDecoder")
         x = features
         for i in reversed(range(len(self.filters))):
             skip = skips[i]
             x = getattr(self, f"up{i}")(x)
             # Ceil pooling makes the upsampled tensor up to 1 voxel larger than the skip on odd
             # axes; the surplus is at the high end (where max_pool2 padded), so crop it there.
-            d, h, w = skip.shape[1:4]
-            x = x[:, :d, :h, :w, :]
+            x = x[(slice(None), *(slice(0, s) for s in skip.shape[1:-1]))]
             x = jnp.concatenate([x, skip], axis=-1)
             x = getattr(self, f"block{i}")(x, train=train, rngs=rngs)
         return self.classifier(x)
 
 
 class SegmentationModel(nnx.Module):
-    """Encoder3D + UNetDecoder (the finetuning model).
+    """Encoder3D + UNetDecoder (the finetuning model), 3D (default) or 2D (`spatial_dims=2`).
 
     The attribute name `encoder` is part of the checkpoint contract: finetuning restores
     `params['encoder']` from a pretraining checkpoint.
 
     Call:
-      `x [B, D, H, W, in_channels]` -> logits `[B, D, H, W, num_classes]`.
+      `x [B, *spatial, in_channels]` -> logits `[B, *spatial, num_classes]`, spatial = (D, H, W)
+      or (H, W).
     """
 
     def __init__(
@@ -170,14 +208,17 @@ class SegmentationModel(nnx.Module):
         in_channels: int,
         num_classes: int,
         *,
+        spatial_dims: int = 3,
         filters: Sequence[int] = (16, 32, 64, 128),
         bottom_filters: int = 256,
         num_groups: int = 8,
         dropout_rate: float = 0.0,
         rngs: nnx.Rngs,
     ):
+        self.spatial_dims = check_spatial_dims(spatial_dims)
         self.encoder = Encoder3D(
             in_channels,
+            spatial_dims=self.spatial_dims,
             filters=filters,
             bottom_filters=bottom_filters,
             num_groups=num_groups,
@@ -185,6 +226,7 @@ class SegmentationModel(nnx.Module):
             rngs=rngs,
         )
         self.decoder = UNetDecoder(
+            spatial_dims=self.spatial_dims,
             filters=filters,
             bottom_filters=bottom_filters,
             num_classes=num_classes,
@@ -198,3 +240,7 @@ class SegmentationModel(nnx.Module):
     ) -> jax.Array:
         features, skips = self.encoder(x, train=train, rngs=rngs)
         return self.decoder(features, skips, train=train, rngs=rngs)
+
+
+# Dimension-neutral name for new code; `Encoder3D` stays the canonical (checkpointed) class name.
+Encoder = Encoder3D

@@ -1,12 +1,17 @@
-"""Regular 3D patch grid with per-patch random jitter (the pretext tasks' cropping primitive).
+"""Regular 2D / 3D patch grid with per-patch random jitter (the pretext tasks' cropping primitive).
 
-Port of the original `preprocessing/utils/crop.py:crop_patches_3d` for `patch_jitter >= 0`
-(Taleb et al., NeurIPS 2020; spec section 2.1): the volume is cut into a P x P x P grid of cells of
-size `g = size // P` per axis, and from every cell a sub-cube of size `g - jitter` is taken at an
-offset in `[0, jitter]` (uniform, independently per patch and per axis) when training, or at the
-fixed offset `jitter // 2` otherwise. Leftover voxels at the high end (`size - P * g`) are never
-used, as in the original. Patches come out in row-major grid order: cell `(i, j, k)` has index
-`i * P * P + j * P + k`.
+Port of the original `preprocessing/utils/crop.py:crop_patches_3d` (and its 2D counterpart
+`crop_patches`) for `patch_jitter >= 0` (Taleb et al., NeurIPS 2020; spec section 2.1): the input
+is cut into a grid of P cells per spatial axis, of size `g = size // P` per axis, and from every
+cell a sub-block of size `g - jitter` is taken at an offset in `[0, jitter]` (uniform,
+independently per patch and per axis) when training, or at the fixed offset `jitter // 2`
+otherwise. Leftover voxels at the high end (`size - P * g`) are never used, as in the original.
+
+The rank of the input decides the dimensionality:
+  * 3D: `volume [D, H, W, C]` -> `[P**3, pd, ph, pw, C]`; cell `(i, j, k)` has index
+    `i * P * P + j * P + k`.
+  * 2D: `image [H, W, C]` -> `[P**2, ph, pw, C]`; cell `(i, j)` has index `i * P + j`.
+Patches always come out in row-major grid order (first spatial axis outermost).
 
 Deviations from the original:
   * The crop runs on device inside the jitted step (one `lax.dynamic_slice` per cell, vmapped),
@@ -14,7 +19,8 @@ Deviations from the original:
     (cpu_measurements.md section 3) and keeps all SSL randomness in the pure train step.
   * The overlapping-patch mode of the original (`jitter < 0`, used only by 2D CPC) is not
     supported; a negative jitter raises `ConfigError`.
-  * Per-axis cell sizes are allowed to differ (non-cubic volumes); the original assumed cubes.
+  * Per-axis cell sizes are allowed to differ (non-square / non-cubic inputs); the original
+    assumed squares / cubes.
 """
 
 from __future__ import annotations
@@ -26,30 +32,55 @@ from jax import lax
 
 from ssl3d_jax.errors import ConfigError
 
-__all__ = ["extract_grid", "num_patches", "patch_shape", "grid_starts", "slice_patches"]
+__all__ = [
+    "extract_grid",
+    "num_patches",
+    "patch_shape",
+    "grid_starts",
+    "slice_patches",
+    "spatial_dims_of",
+]
 
 
-def num_patches(patches_per_side: int) -> int:
-    """Number of patches in a P x P x P grid, `P**3`."""
-    return int(patches_per_side) ** 3
+def spatial_dims_of(shape: tuple[int, ...]) -> int:
+    """Spatial rank of a channels-last single input: `[H, W, C]` -> 2, `[D, H, W, C]` -> 3.
+
+    Raises:
+      ConfigError: for any other rank, naming the shape.
+    """
+    if len(shape) not in (3, 4):
+        raise ConfigError(
+            f"expected a 2D image [H, W, C] or a 3D volume [D, H, W, C] (rank 3 or 4), got shape "
+            f"{tuple(shape)}."
+        )
+    return len(shape) - 1
+
+
+def num_patches(patches_per_side: int, spatial_dims: int = 3) -> int:
+    """Number of patches in the grid, `P**spatial_dims` (27 for a 3x3x3 grid, 9 for 3x3)."""
+    if spatial_dims not in (2, 3):
+        raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+    return int(patches_per_side) ** int(spatial_dims)
 
 
 def patch_shape(
     volume_shape: tuple[int, ...], *, patches_per_side: int, jitter: int
-) -> tuple[int, int, int]:
-    """Spatial shape `(pd, ph, pw)` of every patch of the grid.
+) -> tuple[int, ...]:
+    """Spatial shape of every patch of the grid.
 
     Args:
-      volume_shape: `(D, H, W)` or `(D, H, W, C)`; only the first three entries are used.
+      volume_shape: the full shape of one input, `(H, W, C)` (2D) or `(D, H, W, C)` (3D); the rank
+        decides the dimensionality and the last entry (channels) is ignored.
       patches_per_side: P, the grid has P cells per axis (static Python int >= 1).
-      jitter: J >= 0, the patch is J voxels smaller than its cell per axis.
+      jitter: J >= 0, the patch is J pixels / voxels smaller than its cell per axis.
 
     Returns:
-      `(D // P - J, H // P - J, W // P - J)`.
+      `(H // P - J, W // P - J)` in 2D, `(D // P - J, H // P - J, W // P - J)` in 3D.
 
     Raises:
-      ConfigError: if P < 1, J < 0, or a patch size would be < 1.
+      ConfigError: if the rank is not 3 or 4, P < 1, J < 0, or a patch size would be < 1.
     """
+    n = spatial_dims_of(volume_shape)
     if int(patches_per_side) < 1:
         raise ConfigError(f"patches_per_side must be >= 1, got {patches_per_side}.")
     if int(jitter) < 0:
@@ -57,15 +88,15 @@ def patch_shape(
             f"jitter must be >= 0, got {jitter} (the original's overlapping mode, jitter < 0, "
             "is not supported)."
         )
-    spatial = tuple(int(s) for s in volume_shape[:3])
+    spatial = tuple(int(s) for s in volume_shape[:n])
     shape = tuple(s // patches_per_side - jitter for s in spatial)
     if min(shape) < 1:
         raise ConfigError(
-            f"patch size would be {shape} < 1 for a volume of spatial shape {spatial} with "
+            f"patch size would be {shape} < 1 for an input of spatial shape {spatial} with "
             f"patches_per_side={patches_per_side} and jitter={jitter}: each cell (size // "
             "patches_per_side) must be larger than the jitter."
         )
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def grid_starts(
@@ -79,38 +110,54 @@ def grid_starts(
     """Start corners of all grid patches (cell origin + jitter offset).
 
     Args:
-      volume_shape: `(D, H, W, ...)` static shape of the volume.
+      volume_shape: static shape of one input, `(H, W, C)` or `(D, H, W, C)`.
       key: a `jax.random` key; only used when `training` (may be None otherwise).
       patches_per_side: P (static).
       jitter: J (static).
       training: static; random offsets in `[0, J]` if True, else `J // 2`.
 
     Returns:
-      `[P**3, 3]` int32, row-major grid order.
+      `[P**n, n]` int32 with n = 2 or 3 spatial dims, row-major grid order.
     """
     patch_shape(volume_shape, patches_per_side=patches_per_side, jitter=jitter)  # validates
+    n = spatial_dims_of(volume_shape)
     p = patches_per_side
-    cells = np.stack(np.meshgrid(*([np.arange(p)] * 3), indexing="ij"), axis=-1).reshape(-1, 3)
-    cell_size = np.array([int(s) // p for s in volume_shape[:3]])
+    cells = np.stack(np.meshgrid(*([np.arange(p)] * n), indexing="ij"), axis=-1).reshape(-1, n)
+    cell_size = np.array([int(s) // p for s in volume_shape[:n]])
     origins = jnp.asarray(cells * cell_size, dtype=jnp.int32)
     if training:
         if key is None:
             raise ConfigError("extract_grid(training=True) needs a jax.random key.")
         # maxval is exclusive: offsets are uniform in [0, jitter] inclusive, as np.random.randint
         # (0, jitter + 1) in the original.
-        offsets = jax.random.randint(key, (p**3, 3), 0, jitter + 1, dtype=jnp.int32)
+        offsets = jax.random.randint(key, (p**n, n), 0, jitter + 1, dtype=jnp.int32)
     else:
-        offsets = jnp.full((p**3, 3), jitter // 2, dtype=jnp.int32)
+        offsets = jnp.full((p**n, n), jitter // 2, dtype=jnp.int32)
     return origins + offsets
 
 
-def slice_patches(volume: jax.Array, starts: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
-    """Cuts `[N, pd, ph, pw, C]` patches at `starts [N, 3]` out of `volume [D, H, W, C]`."""
+def slice_patches(volume: jax.Array, starts: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Cuts patches at `starts [N, n]` out of one input.
+
+    Args:
+      volume: `[H, W, C]` (n = 2) or `[D, H, W, C]` (n = 3).
+      starts: `[N, n]` integer start corners.
+      shape: static spatial patch shape, length n.
+
+    Returns:
+      `[N, *shape, C]`, dtype of `volume`.
+    """
+    n = spatial_dims_of(volume.shape)
+    if starts.shape[-1] != n or len(shape) != n:
+        raise ConfigError(
+            f"slice_patches: starts {starts.shape} / patch shape {tuple(shape)} do not match the "
+            f"{n} spatial dims of an input of shape {volume.shape}."
+        )
 
     def one(start: jax.Array) -> jax.Array:
         zero = jnp.zeros((), start.dtype)
         return lax.dynamic_slice(
-            volume, (start[0], start[1], start[2], zero), (*shape, volume.shape[-1])
+            volume, (*(start[a] for a in range(n)), zero), (*shape, volume.shape[-1])
         )
 
     return jax.vmap(one)(starts)
@@ -124,12 +171,12 @@ def extract_grid(
     jitter: int,
     training: bool,
 ) -> jax.Array:
-    """Crops the P x P x P grid of (jittered) patches from one volume.
+    """Crops the P x P (x P) grid of (jittered) patches from one image or volume.
 
-    Works under `jax.jit` and `jax.vmap` (over volumes and keys); all sizes are static.
+    Works under `jax.jit` and `jax.vmap` (over inputs and keys); all sizes are static.
 
     Args:
-      volume: `[D, H, W, C]`, any dtype.
+      volume: `[D, H, W, C]` (3D) or `[H, W, C]` (2D), any dtype; the rank decides.
       key: a `jax.random` key (typed or raw); ignored (may be None) when not training.
       patches_per_side: P, static Python int >= 1.
       jitter: J >= 0, static Python int.
@@ -137,14 +184,12 @@ def extract_grid(
         centre offset `J // 2` otherwise.
 
     Returns:
-      `[P**3, D // P - J, H // P - J, W // P - J, C]`, same dtype as `volume`, row-major grid
-      order (first spatial axis outermost).
+      3D: `[P**3, D // P - J, H // P - J, W // P - J, C]`; 2D: `[P**2, H // P - J, W // P - J, C]`;
+      same dtype as `volume`, row-major grid order (first spatial axis outermost).
 
     Raises:
-      ConfigError: if a patch size would be < 1 (or P < 1, J < 0).
+      ConfigError: if the rank is not 3 or 4, or a patch size would be < 1 (or P < 1, J < 0).
     """
-    if volume.ndim != 4:
-        raise ConfigError(f"extract_grid expects a [D, H, W, C] volume, got shape {volume.shape}.")
     shape = patch_shape(volume.shape, patches_per_side=patches_per_side, jitter=jitter)
     starts = grid_starts(
         volume.shape, key, patches_per_side=patches_per_side, jitter=jitter, training=training

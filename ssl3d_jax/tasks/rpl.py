@@ -1,15 +1,20 @@
-"""Relative 3D Patch Location (RPL) pretext task (Taleb et al., NeurIPS 2020, section 3; original
-`algorithms/relative_patch_location.py`, `preprocessing/preprocess_rpl.py`).
+"""Relative Patch Location (RPL) pretext task, 3D and 2D (Taleb et al., NeurIPS 2020, section 3;
+original `algorithms/relative_patch_location.py`, `preprocessing/preprocess_rpl.py`).
 
-The task: cut a volume into a P x P x P grid of (jittered) patches. The centre patch (grid index
-`P**3 // 2`) is the reference; one of the other `P**3 - 1` patches is the query. A shared (siamese)
-encoder embeds both, and a classifier on the concatenated features predicts which of the
-`P**3 - 1` positions the query came from. Class c maps to grid index c if c < centre else c + 1
-(the centre is skipped).
+The task: cut a volume (image) into a P x P x P (P x P) grid of (jittered) patches. The centre
+patch (grid index `P**n // 2`, n = 3 or 2 spatial dims) is the reference; one of the other
+`P**n - 1` patches is the query. A shared (siamese) encoder embeds both, and a classifier on the
+concatenated features predicts which of the `P**n - 1` positions the query came from. Class c maps
+to grid index c if c < centre else c + 1 (the centre is skipped). The dimensionality is the rank of
+the input (`[D, H, W, C]` volumes or `[H, W, C]` images), and `config.data.spatial_dims` in
+`make_task`.
 
-Paper setting: P = 3, jitter 3, 128^3 volumes -> 27 patches of 39^3, 26 classes; encoder = U-Net
-contracting path (16..128, bottom 256), features 2 x 256 = 512 -> `big_fully` (2048, 1024) ->
-26-way softmax, categorical cross-entropy.
+Paper setting, 3D: P = 3, jitter 3, 128^3 volumes -> 27 patches of 39^3, 26 classes; encoder =
+U-Net contracting path (16..128, bottom 256), features 2 x 256 = 512 -> `big_fully` (2048, 1024)
+-> 26-way softmax, categorical cross-entropy.
+Paper setting, 2D (the original's `rpl_2d*.json`): P = 3 -> 9 tiles, centre index 4, 8 classes;
+kaggle retina 224^2 with J = 8 (66^2 tiles, DenseNet121 encoder) and pancreas slices 128^2 with
+J = 4 (38^2 tiles, the 2D U-Net encoder with 16..128 filters, the one used here).
 
 Deliberate deviations from the original code:
   * Pairs are built on device inside the jitted train step from a `jax.random` key
@@ -17,11 +22,13 @@ Deliberate deviations from the original code:
   * `training` controls the sub-crop jitter: random offsets when True, centre offsets when False.
     The original always cropped randomly, validation included (it called the crop with
     `is_training=True`); pass `training=True` for validation to reproduce that.
-  * An even P is rejected (`ConfigError`): the original took index `P**3 // 2` regardless, which
+  * An even P is rejected (`ConfigError`): the original took index `P**n // 2` regardless, which
     for even P is not the centre of the grid, so the "relative location" is ill-defined.
   * The encoder has no final max-pool; features are `global_max_pool`ed over the bottom block
     (identical to the original's final pool + flatten for a 2^3 bottom, and works for any patch
     size). GroupNorm / LayerNorm replace BatchNorm (see `models/layers.py`, `models/heads.py`).
+  * 2D uses the same U-Net encoder as 3D (2D convs) for every dataset; the original's retina
+    configs used a DenseNet121 instead.
   * The model returns logits; the softmax is inside the float32 cross-entropy.
 """
 
@@ -37,8 +44,9 @@ from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
+from ssl3d_jax.models.layers import check_spatial_dims
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
-from ssl3d_jax.ops.patches import grid_starts, patch_shape, slice_patches
+from ssl3d_jax.ops.patches import grid_starts, patch_shape, slice_patches, spatial_dims_of
 
 __all__ = ["num_classes", "sample_pair", "make_batch", "RPLModel", "loss_fn"]
 
@@ -51,10 +59,10 @@ def _check_grid(patches_per_side: int) -> None:
         )
 
 
-def num_classes(patches_per_side: int) -> int:
-    """Number of RPL classes, `P**3 - 1` (26 for P = 3)."""
+def num_classes(patches_per_side: int, spatial_dims: int = 3) -> int:
+    """Number of RPL classes, `P**spatial_dims - 1` (26 for P = 3 in 3D, 8 in 2D)."""
     _check_grid(patches_per_side)
-    return patches_per_side**3 - 1
+    return patches_per_side ** check_spatial_dims(spatial_dims) - 1
 
 
 def sample_pair(
@@ -71,18 +79,18 @@ def sample_pair(
     same key (same offsets), but only the two needed patches are sliced.
 
     Args:
-      volume: `[D, H, W, C]`.
+      volume: `[D, H, W, C]` (3D) or `[H, W, C]` (2D); the rank decides.
       key: a `jax.random` key.
       patches_per_side: P, odd, static.
       jitter: J, static.
       training: static; random sub-crop offsets if True, centre offsets otherwise.
 
     Returns:
-      `pair [2, pd, ph, pw, C]` (dtype of volume) = [centre patch, query patch], and
-      `label` int32 scalar in `[0, P**3 - 1)`.
+      `pair [2, pd, ph, pw, C]` (2D: `[2, ph, pw, C]`; dtype of volume) = [centre patch, query
+      patch], and `label` int32 scalar in `[0, P**n - 1)`, n = number of spatial dims.
     """
     _check_grid(patches_per_side)
-    n = patches_per_side**3
+    n = patches_per_side ** spatial_dims_of(volume.shape)
     centre = n // 2
     key_grid, key_label = jax.random.split(key)
     shape = patch_shape(volume.shape, patches_per_side=patches_per_side, jitter=jitter)
@@ -106,11 +114,11 @@ def make_batch(
     """`sample_pair` for every volume of a batch, each with its own key.
 
     Args:
-      volumes: `[B, D, H, W, C]`.
+      volumes: `[B, D, H, W, C]` (3D) or `[B, H, W, C]` (2D).
       key: a `jax.random` key, split into B keys.
 
     Returns:
-      `pairs [B, 2, pd, ph, pw, C]`, `labels [B]` int32.
+      `pairs [B, 2, pd, ph, pw, C]` (2D: `[B, 2, ph, pw, C]`), `labels [B]` int32.
     """
     keys = jax.random.split(key, volumes.shape[0])
     sample = lambda v, k: sample_pair(  # noqa: E731
@@ -124,15 +132,17 @@ class RPLModel(nnx.Module):
 
     Args:
       in_channels: input channels C.
-      patches_per_side: P (odd), fixes the number of classes `P**3 - 1`.
+      patches_per_side: P (odd), fixes the number of classes `P**spatial_dims - 1`.
+      spatial_dims: 3 (volume patches, default) or 2 (image patches).
       encoder_kwargs: keyword arguments of `Encoder3D` (filters, bottom_filters, num_groups,
-        dropout_rate).
+        dropout_rate); `spatial_dims` is passed separately.
       head_hidden: hidden widths of the head (original: 2048, 1024).
       head_dropout: dropout rate of the head (original: 0.5).
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
-      `pairs [B, 2, p, p, p, C]` -> logits `[B, P**3 - 1]` float.
+      `pairs [B, 2, pd, ph, pw, C]` (2D: `[B, 2, ph, pw, C]`) -> logits
+      `[B, P**spatial_dims - 1]` float.
     """
 
     def __init__(
@@ -140,17 +150,21 @@ class RPLModel(nnx.Module):
         in_channels: int,
         *,
         patches_per_side: int,
+        spatial_dims: int = 3,
         encoder_kwargs: dict[str, Any] | None = None,
         head_hidden: Sequence[int] = (2048, 1024),
         head_dropout: float = 0.0,
         rngs: nnx.Rngs,
     ):
         encoder_kwargs = dict(encoder_kwargs or {})
-        self.encoder = Encoder3D(in_channels, **encoder_kwargs, rngs=rngs)
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        self.encoder = Encoder3D(
+            in_channels, spatial_dims=self.spatial_dims, **encoder_kwargs, rngs=rngs
+        )
         self.head = MLPHead(
             2 * self.encoder.bottom_filters,
             head_hidden,
-            num_classes(patches_per_side),
+            num_classes(patches_per_side, self.spatial_dims),
             dropout_rate=head_dropout,
             rngs=rngs,
         )
@@ -158,6 +172,11 @@ class RPLModel(nnx.Module):
     def __call__(
         self, pairs: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
     ) -> jax.Array:
+        if pairs.ndim != self.spatial_dims + 3 or pairs.shape[1] != 2:
+            raise ConfigError(
+                f"RPLModel(spatial_dims={self.spatial_dims}) expects pairs [B, 2, *patch, C] of "
+                f"rank {self.spatial_dims + 3}, got shape {pairs.shape}."
+            )
         b = pairs.shape[0]
         # One encoder call on all 2B patches: the shared (siamese) encoder of the original's
         # TimeDistributed wrapper, as a single larger batch.
@@ -181,7 +200,7 @@ def loss_fn(
 
     Args:
       model: an `RPLModel`.
-      volumes: `[B, D, H, W, C]` float.
+      volumes: `[B, D, H, W, C]` (3D) or `[B, H, W, C]` (2D) float, matching the model.
       key: `jax.random` key for the crops and labels.
       patches_per_side, jitter: static grid parameters.
       training: static; random crop jitter and model train mode (dropout) if True.
@@ -204,14 +223,16 @@ def loss_fn(
 def make_task(config, *, in_channels: int):
     """The RPL `Task` for the generic pretraining loop (see `ssl3d_jax.tasks.Task`).
 
-    Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate) and `config.rpl`
-    (patches_per_side, jitter, head_hidden, head_dropout). The loss always uses random sub-crops
+    Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate), `config.data`
+    (spatial_dims: 3 for volumes, 2 for images) and `config.rpl` (patches_per_side, jitter,
+    head_hidden, head_dropout). The loss always uses random sub-crops
     (`training=True`) and train mode; its dropout key is split off the step key.
     """
     from ssl3d_jax.tasks import Task  # local import: ssl3d_jax.tasks imports this module lazily
 
     p, j = int(config.rpl.patches_per_side), int(config.rpl.jitter)
     _check_grid(p)
+    spatial_dims = check_spatial_dims(config.data.spatial_dims)
     encoder_kwargs = dict(
         filters=tuple(config.model.filters),
         bottom_filters=int(config.model.bottom_filters),
@@ -226,6 +247,7 @@ def make_task(config, *, in_channels: int):
         return RPLModel(
             in_channels,
             patches_per_side=p,
+            spatial_dims=spatial_dims,
             encoder_kwargs=encoder_kwargs,
             head_hidden=head_hidden,
             head_dropout=head_dropout,
@@ -233,6 +255,11 @@ def make_task(config, *, in_channels: int):
         )
 
     def loss(model: RPLModel, volumes: jax.Array, key: jax.Array):
+        if volumes.ndim != spatial_dims + 2:
+            raise ConfigError(
+                f"data.spatial_dims={spatial_dims} but the RPL loss got a batch of shape "
+                f"{volumes.shape}; expected [B, *spatial ({spatial_dims}-D), C]."
+            )
         key_batch, key_dropout = jax.random.split(key)
         return loss_fn(
             model,
@@ -244,5 +271,11 @@ def make_task(config, *, in_channels: int):
             dropout_key=key_dropout if uses_dropout else None,
         )
 
-    input_spec = {"task": "rpl", "patches_per_side": p, "jitter": j, "in_channels": in_channels}
+    input_spec = {
+        "task": "rpl",
+        "spatial_dims": spatial_dims,
+        "patches_per_side": p,
+        "jitter": j,
+        "in_channels": in_channels,
+    }
     return Task(name="rpl", build_model=build_model, loss=loss, input_spec=input_spec)

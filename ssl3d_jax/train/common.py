@@ -10,7 +10,8 @@ import orbax.checkpoint as ocp
 
 import ssl3d_jax
 from ssl3d_jax import parallel
-from ssl3d_jax.data import brats, pipeline, preprocess
+from ssl3d_jax.data import brats, pipeline, preprocess, slices
+from ssl3d_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -22,19 +23,32 @@ def make_preprocess(config) -> preprocess.Preprocess:
 
 
 def train_iterator(config, cases, *, batch_size: int, with_label: bool, seed: int):
-    """A grain iterator over this process's share of the global batch."""
+    """A grain iterator over this process's share of the global batch.
+
+    3D: preprocessed volumes `[S, S, S, C]`; 2D (`config.data.spatial_dims == 2`): their axial
+    slices `[S, S, C]`. Preprocessed volumes are cached in memory up to `config.data.cache_mb`.
+    """
     n_proc = jax.process_count()
-    source = brats.BratsSource(cases, with_label=with_label)
+    source = pipeline.CachedSource(
+        brats.BratsSource(cases, with_label=with_label),
+        make_preprocess(config),
+        cache_bytes=config.data.cache_mb * 2**20,
+    )
+    if config.data.spatial_dims == 2:
+        source = slices.SliceSource(
+            source, size=config.data.size, keep_fraction=config.data.slice_fraction
+        )
+    elif config.data.spatial_dims != 3:
+        raise ConfigError(f"config.data.spatial_dims={config.data.spatial_dims}: expected 2 or 3")
     ds = pipeline.make_train_dataset(
         source,
-        make_preprocess(config),
+        None,
         batch_size=batch_size // n_proc,
         seed=seed,
         num_workers=config.data.num_workers,
         num_threads=config.data.num_threads,
         shard_index=jax.process_index(),
         shard_count=n_proc,
-        cache_bytes=config.data.cache_mb * 2**20,
     )
     return iter(ds)
 
@@ -57,8 +71,9 @@ def run_meta(config, *, phase: str) -> dict:
         "task": config.task,
         "input": {
             "in_channels": len(config.data.modalities),
+            "spatial_dims": config.data.spatial_dims,
             "modalities": list(config.data.modalities),
-            "axis_order": "DHWC",
+            "axis_order": "DHWC" if config.data.spatial_dims == 3 else "HWC (axial slices)",
             "size": config.data.size,
             "resize_mode": config.data.resize_mode,
             "normalization": config.data.normalization,

@@ -25,7 +25,7 @@ from flax import nnx
 
 from ssl3d_jax import losses, metrics, parallel
 from ssl3d_jax.checkpoint import Checkpointer, restore_encoder
-from ssl3d_jax.data import brats, pipeline
+from ssl3d_jax.data import brats, pipeline, slices
 from ssl3d_jax.errors import CheckpointError
 from ssl3d_jax.models.unet import SegmentationModel
 from ssl3d_jax.train import common, loop
@@ -45,6 +45,7 @@ def build_model(config, *, in_channels: int):
         return SegmentationModel(
             in_channels,
             NUM_CLASSES,
+            spatial_dims=config.data.spatial_dims,
             filters=tuple(m.filters),
             bottom_filters=m.bottom_filters,
             num_groups=m.num_groups,
@@ -68,6 +69,12 @@ def _check_compatible(init_from: str, config) -> None:
     """Refuse an encoder pretrained on other input channels before touching its weights."""
     with Checkpointer(init_from, create=False) as ckpt:
         meta = ckpt.read_meta()
+    dims = meta.get("input", {}).get("spatial_dims")
+    if dims is not None and dims != config.data.spatial_dims:
+        raise CheckpointError(
+            f"encoder in {init_from} was pretrained in {dims}D, but config.data.spatial_dims is "
+            f"{config.data.spatial_dims}"
+        )
     want = len(config.data.modalities)
     have = meta.get("input", {}).get("in_channels")
     if have is not None and have != want:
@@ -180,16 +187,24 @@ def run(
 
 
 def evaluate(config, graphdef, params, cases) -> dict:
-    """Per-case Dice of WT/TC/ET on the model-input cube of each test case.
+    """Per-case Dice of WT/TC/ET on the preprocessed cube of each test case.
+
+    In 2D the volume is segmented slice by slice (all axial slices as one batch) and scored in 3D,
+    so that 2D and 3D models are compared on the same voxels.
 
     Returns:
       {case_name: {'WT': float, 'TC': float, 'ET': float}}.
     """
+    dims = config.data.spatial_dims
+    axis = slices.AXIAL_AXIS
 
     @jax.jit
-    def predict(params, image):
-        logits = nnx.merge(graphdef, params)(image[None], train=False)
-        return jnp.argmax(logits[0], axis=-1)
+    def predict(params, volume):
+        model = nnx.merge(graphdef, params)
+        if dims == 3:
+            return jnp.argmax(model(volume[None], train=False)[0], axis=-1)
+        stack = jnp.moveaxis(volume, axis, 0)  # [S, S, S, C]: every axial slice, as a batch
+        return jnp.moveaxis(jnp.argmax(model(stack, train=False), axis=-1), 0, axis)
 
     source = brats.BratsSource(cases, with_label=True)
     ds = pipeline.make_eval_dataset(source, common.make_preprocess(config))
