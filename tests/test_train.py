@@ -87,3 +87,28 @@ def test_batch_size_not_divisible_by_devices_is_a_config_error():
     mesh = parallel.make_mesh()
     with pytest.raises(Exception, match="config.pretrain.batch_size=6"):
         parallel.check_batch_size(6, mesh, "config.pretrain.batch_size")
+
+
+def test_frozen_parts_get_no_update_and_keep_their_optimizer_state(task, volumes):
+    """The finetuning warm-up: only the trainable parts move, the frozen part's Adam state is
+    untouched (so unfreezing continues it instead of resetting it, unlike the original)."""
+    tx = optax.adam(1e-2)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    graphdef, params = step_lib.init_params(task.build_model, jax.random.key(0), mesh)
+    state = step_lib.create_train_state(tx, params, jax.random.key(1), mesh)
+    before = jax.device_get(state)
+
+    def loss_fn(model, batch, key):
+        return task.loss(model, batch["image"], key)
+
+    frozen = jax.jit(step_lib.make_train_step(graphdef, loss_fn, tx, trainable=("head",)))
+    batch = parallel.put_batch({"image": volumes}, parallel.data_sharded(mesh))
+    after, _ = frozen(state, batch)
+    after = jax.device_get(after)
+    same = jax.tree.map(np.array_equal, before.params["encoder"], after.params["encoder"])
+    assert all(jax.tree.leaves(same))
+    same_opt = jax.tree.map(np.array_equal, before.opt_state["encoder"], after.opt_state["encoder"])
+    assert all(jax.tree.leaves(same_opt))
+    moved = jax.tree.map(np.array_equal, before.params["head"], after.params["head"])
+    assert not all(jax.tree.leaves(moved))
+    assert int(after.step) == 1
