@@ -56,6 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # of 10³ per step (batch 8 measured 3.1 s/step on the shared 2-core CPU, like rotation's
         # 4 × 40³; batch 4 measured 1.3 s under the same load).
         config.pretrain.batch_size = {"paper": 8, "default": 4, "smoke": 8}[size]
+        if size == "default":
+            config.pretrain.num_steps = 300  # 27 encoder passes per example: minutes, not hours
+            config.pretrain.checkpoint_every = 100
+            config.pretrain.log_every = 20
     else:
         config.pretrain.batch_size = {"paper": 32, "default": 16, "smoke": 8}[size]
     if size == "paper":
