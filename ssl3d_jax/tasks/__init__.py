@@ -30,10 +30,32 @@ class Task:
     input_spec: dict
 
 
+def encoder_config(config) -> dict:
+    """Keyword arguments of `Encoder3D` from `config.model` (shared by every task's model)."""
+    m = config.model
+    return dict(
+        filters=tuple(int(f) for f in m.filters),
+        bottom_filters=int(m.bottom_filters),
+        num_groups=int(m.num_groups),
+        dropout_rate=float(m.dropout_rate),
+    )
+
+
+def check_batch_rank(volumes, spatial_dims: int, task: str) -> None:
+    """Static check that a task's batch is `[B, *spatial, C]` with `spatial_dims` spatial axes."""
+    if volumes.ndim != spatial_dims + 2:
+        raise ConfigError(
+            f"{task} with config.data.spatial_dims={spatial_dims} expects a batch "
+            f"[B, {spatial_dims} spatial axes, C], got shape {tuple(volumes.shape)}"
+        )
+
+
 def get_task(config, *, in_channels: int) -> Task:
     name = config.task
     try:
         module = importlib.import_module(f"ssl3d_jax.tasks.{name}")
     except ModuleNotFoundError as e:
+        if e.name != f"ssl3d_jax.tasks.{name}":
+            raise  # a missing dependency of an existing task module, not a mistyped task
         raise ConfigError(f"config.task={name!r}: no module ssl3d_jax/tasks/{name}.py") from e
     return module.make_task(config, in_channels=in_channels)

@@ -83,6 +83,7 @@ from jax import lax
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
 from ssl3d_jax.ops.patches import extract_grid
+from ssl3d_jax.tasks import Task, check_batch_rank, encoder_config
 
 __all__ = [
     "last_context_row",
@@ -486,8 +487,6 @@ def make_task(config, *, in_channels: int):
     volume_crop, patch_crop, flip_patches). The loss always augments (`training=True`) and runs
     the model in train mode; its dropout key is split off the step key.
     """
-    from ssl3d_jax.tasks import Task  # local import: ssl3d_jax.tasks imports this module lazily
-
     c = config.cpc
     p, n = _check(int(c.patches_per_side), int(config.data.spatial_dims))
     j = int(c.jitter)
@@ -501,12 +500,7 @@ def make_task(config, *, in_channels: int):
     for name in ("volume_crop", "patch_crop"):
         if not 0.0 < aug[name] <= 1.0:
             raise ConfigError(f"config.cpc.{name} must be in (0, 1], got {aug[name]!r}.")
-    encoder_kwargs = dict(
-        filters=tuple(config.model.filters),
-        bottom_filters=int(config.model.bottom_filters),
-        num_groups=int(config.model.num_groups),
-        dropout_rate=float(config.model.dropout_rate),
-    )
+    encoder_kwargs = encoder_config(config)
     uses_dropout = encoder_kwargs["dropout_rate"] > 0
 
     def build_model(rngs: nnx.Rngs) -> CPCModel:
@@ -521,11 +515,7 @@ def make_task(config, *, in_channels: int):
         )
 
     def loss(model: CPCModel, volumes: jax.Array, key: jax.Array):
-        if volumes.ndim != n + 2:
-            raise ConfigError(
-                f"CPC with config.data.spatial_dims={n} expects a [B, {n} spatial axes, C] batch, "
-                f"got shape {volumes.shape}."
-            )
+        check_batch_rank(volumes, n, "CPC")
         key_batch, key_dropout = jax.random.split(key)
         return loss_fn(
             model,

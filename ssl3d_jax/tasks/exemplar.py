@@ -78,6 +78,7 @@ from ssl3d_jax.ops.augment import (
     rotate,
     zoom,
 )
+from ssl3d_jax.tasks import Task, check_batch_rank, encoder_config
 
 __all__ = [
     # augmentations, re-exported for convenience (defined in ssl3d_jax.ops.augment)
@@ -349,8 +350,6 @@ def make_task(config, *, in_channels: int):
     augment_positive and the `AUGMENT_KEYS` of `augment`). The loss runs in train mode; its
     dropout key is split off the step key.
     """
-    from ssl3d_jax.tasks import Task  # local import: ssl3d_jax.tasks imports this module lazily
-
     cfg = config.exemplar
     spatial_dims = int(config.data.spatial_dims)
     if spatial_dims not in (2, 3):
@@ -365,12 +364,7 @@ def make_task(config, *, in_channels: int):
     augment_kwargs = {k: float(cfg[k]) for k in AUGMENT_KEYS}
     check_augment_params(**augment_kwargs, prefix="config.exemplar.")
     batch_hard, augment_positive = bool(cfg.batch_hard), bool(cfg.augment_positive)
-    encoder_kwargs = dict(
-        filters=tuple(config.model.filters),
-        bottom_filters=int(config.model.bottom_filters),
-        num_groups=int(config.model.num_groups),
-        dropout_rate=float(config.model.dropout_rate),
-    )
+    encoder_kwargs = encoder_config(config)
     uses_dropout = encoder_kwargs["dropout_rate"] > 0
 
     def build_model(rngs: nnx.Rngs) -> ExemplarModel:
@@ -383,6 +377,7 @@ def make_task(config, *, in_channels: int):
         )
 
     def loss(model: ExemplarModel, volumes: jax.Array, key: jax.Array):
+        check_batch_rank(volumes, spatial_dims, "exemplar")
         key_batch, key_dropout = jax.random.split(key)
         return loss_fn(
             model,

@@ -53,6 +53,7 @@ from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
 from ssl3d_jax.ops.patches import extract_grid
+from ssl3d_jax.tasks import Task, check_batch_rank, encoder_config
 
 __all__ = [
     "permutation_set",
@@ -331,8 +332,6 @@ def make_task(config, *, in_channels: int):
     loss always uses random sub-crops (`training=True`) and train mode; its dropout key is split
     off the step key.
     """
-    from ssl3d_jax.tasks import Task  # local import: ssl3d_jax.tasks imports this module lazily
-
     spatial_dims = int(config.data.spatial_dims)
     if spatial_dims not in (2, 3):
         raise ConfigError(f"data.spatial_dims must be 2 or 3, got {spatial_dims}.")
@@ -342,12 +341,7 @@ def make_task(config, *, in_channels: int):
     k = int(config.jigsaw.num_permutations)
     seed = int(config.jigsaw.permutation_seed)
     perms = permutation_set(k, n, seed)
-    encoder_kwargs = dict(
-        filters=tuple(config.model.filters),
-        bottom_filters=int(config.model.bottom_filters),
-        num_groups=int(config.model.num_groups),
-        dropout_rate=float(config.model.dropout_rate),
-    )
+    encoder_kwargs = encoder_config(config)
     head_hidden = tuple(int(h) for h in config.jigsaw.head_hidden)
     head_dropout = float(config.jigsaw.head_dropout)
     uses_dropout = encoder_kwargs["dropout_rate"] > 0 or head_dropout > 0
@@ -365,11 +359,7 @@ def make_task(config, *, in_channels: int):
         )
 
     def loss(model: JigsawModel, volumes: jax.Array, key: jax.Array):
-        if volumes.ndim != spatial_dims + 2:
-            raise ConfigError(
-                f"data.spatial_dims={spatial_dims} but the jigsaw loss got a batch of shape "
-                f"{volumes.shape}; expected [B, *spatial ({spatial_dims}-D), C]."
-            )
+        check_batch_rank(volumes, spatial_dims, "jigsaw")
         key_batch, key_dropout = jax.random.split(key)
         return loss_fn(
             model,

@@ -57,6 +57,7 @@ from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.layers import check_spatial_dims, max_pool2
 from ssl3d_jax.models.unet import Encoder3D, flatten_features
+from ssl3d_jax.tasks import Task, check_batch_rank, encoder_config
 
 __all__ = [
     "num_classes",
@@ -256,18 +257,11 @@ def make_task(config, *, in_channels: int):
     dropout_rate) and `config.rotation` (head_hidden, head_dropout). The loss runs the model in
     train mode; its dropout key is split off the step key.
     """
-    from ssl3d_jax.tasks import Task  # local import: ssl3d_jax.tasks imports this module lazily
-
     spatial_dims = check_spatial_dims(config.data.spatial_dims)
     size = int(config.data.size)
     if size < 1:
         raise ConfigError(f"config.data.size must be a positive int, got {config.data.size!r}.")
-    encoder_kwargs = dict(
-        filters=tuple(config.model.filters),
-        bottom_filters=int(config.model.bottom_filters),
-        num_groups=int(config.model.num_groups),
-        dropout_rate=float(config.model.dropout_rate),
-    )
+    encoder_kwargs = encoder_config(config)
     head_hidden = tuple(int(h) for h in config.rotation.head_hidden)
     head_dropout = float(config.rotation.head_dropout)
     uses_dropout = encoder_kwargs["dropout_rate"] > 0 or head_dropout > 0
@@ -284,6 +278,7 @@ def make_task(config, *, in_channels: int):
         )
 
     def loss(model: RotationModel, volumes: jax.Array, key: jax.Array):
+        check_batch_rank(volumes, spatial_dims, "rotation")
         key_batch, key_dropout = jax.random.split(key)
         return loss_fn(
             model,

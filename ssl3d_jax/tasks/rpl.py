@@ -47,6 +47,7 @@ from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.layers import check_spatial_dims
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
 from ssl3d_jax.ops.patches import grid_starts, patch_shape, slice_patches, spatial_dims_of
+from ssl3d_jax.tasks import Task, check_batch_rank, encoder_config
 
 __all__ = ["num_classes", "sample_pair", "make_batch", "RPLModel", "loss_fn"]
 
@@ -228,17 +229,10 @@ def make_task(config, *, in_channels: int):
     head_hidden, head_dropout). The loss always uses random sub-crops
     (`training=True`) and train mode; its dropout key is split off the step key.
     """
-    from ssl3d_jax.tasks import Task  # local import: ssl3d_jax.tasks imports this module lazily
-
     p, j = int(config.rpl.patches_per_side), int(config.rpl.jitter)
     _check_grid(p)
     spatial_dims = check_spatial_dims(config.data.spatial_dims)
-    encoder_kwargs = dict(
-        filters=tuple(config.model.filters),
-        bottom_filters=int(config.model.bottom_filters),
-        num_groups=int(config.model.num_groups),
-        dropout_rate=float(config.model.dropout_rate),
-    )
+    encoder_kwargs = encoder_config(config)
     head_hidden = tuple(int(h) for h in config.rpl.head_hidden)
     head_dropout = float(config.rpl.head_dropout)
     uses_dropout = encoder_kwargs["dropout_rate"] > 0 or head_dropout > 0
@@ -255,11 +249,7 @@ def make_task(config, *, in_channels: int):
         )
 
     def loss(model: RPLModel, volumes: jax.Array, key: jax.Array):
-        if volumes.ndim != spatial_dims + 2:
-            raise ConfigError(
-                f"data.spatial_dims={spatial_dims} but the RPL loss got a batch of shape "
-                f"{volumes.shape}; expected [B, *spatial ({spatial_dims}-D), C]."
-            )
+        check_batch_rank(volumes, spatial_dims, "RPL")
         key_batch, key_dropout = jax.random.split(key)
         return loss_fn(
             model,
