@@ -7,6 +7,8 @@ import dataclasses
 import importlib
 from typing import Callable
 
+import jax
+
 from ssl3d_jax.errors import ConfigError
 
 
@@ -48,6 +50,28 @@ def check_batch_rank(volumes, spatial_dims: int, task: str) -> None:
             f"{task} with config.data.spatial_dims={spatial_dims} expects a batch "
             f"[B, {spatial_dims} spatial axes, C], got shape {tuple(volumes.shape)}"
         )
+
+
+def pretext_loss(loss_fn: Callable, *, task: str, spatial_dims: int, uses_dropout: bool, **static):
+    """`Task.loss` from a task's `loss_fn(model, volumes, key, *, training, dropout_key, **static)`.
+
+    Checks the batch rank, splits the step key into the task's sampling key and a dropout key, and
+    always trains (random jitter / augmentation, dropout when configured).
+    """
+
+    def loss(model, volumes, key):
+        check_batch_rank(volumes, spatial_dims, task)
+        key_batch, key_dropout = jax.random.split(key)
+        return loss_fn(
+            model,
+            volumes,
+            key_batch,
+            training=True,
+            dropout_key=key_dropout if uses_dropout else None,
+            **static,
+        )
+
+    return loss
 
 
 def get_task(config, *, in_channels: int) -> Task:

@@ -83,7 +83,7 @@ from jax import lax
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
 from ssl3d_jax.ops.patches import extract_grid
-from ssl3d_jax.tasks import Task, check_batch_rank, encoder_config
+from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
 
 __all__ = [
     "last_context_row",
@@ -514,20 +514,16 @@ def make_task(config, *, in_channels: int):
             rngs=rngs,
         )
 
-    def loss(model: CPCModel, volumes: jax.Array, key: jax.Array):
-        check_batch_rank(volumes, n, "CPC")
-        key_batch, key_dropout = jax.random.split(key)
-        return loss_fn(
-            model,
-            volumes,
-            key_batch,
-            patches_per_side=p,
-            jitter=j,
-            temperature=temperature,
-            training=True,
-            dropout_key=key_dropout if uses_dropout else None,
-            **aug,
-        )
+    loss = pretext_loss(
+        loss_fn,
+        task="CPC",
+        spatial_dims=n,
+        uses_dropout=uses_dropout,
+        patches_per_side=p,
+        jitter=j,
+        temperature=temperature,
+        **aug,
+    )
 
     input_spec = {
         "task": "cpc",

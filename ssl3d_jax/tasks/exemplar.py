@@ -78,7 +78,7 @@ from ssl3d_jax.ops.augment import (
     rotate,
     zoom,
 )
-from ssl3d_jax.tasks import Task, check_batch_rank, encoder_config
+from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
 
 __all__ = [
     # augmentations, re-exported for convenience (defined in ssl3d_jax.ops.augment)
@@ -376,21 +376,17 @@ def make_task(config, *, in_channels: int):
             rngs=rngs,
         )
 
-    def loss(model: ExemplarModel, volumes: jax.Array, key: jax.Array):
-        check_batch_rank(volumes, spatial_dims, "exemplar")
-        key_batch, key_dropout = jax.random.split(key)
-        return loss_fn(
-            model,
-            volumes,
-            key_batch,
-            margin=margin,
-            squared=squared,
-            batch_hard=batch_hard,
-            augment_positive=augment_positive,
-            augment_kwargs=augment_kwargs,
-            training=True,
-            dropout_key=key_dropout if uses_dropout else None,
-        )
+    loss = pretext_loss(
+        loss_fn,
+        task="exemplar",
+        spatial_dims=spatial_dims,
+        uses_dropout=uses_dropout,
+        margin=margin,
+        squared=squared,
+        batch_hard=batch_hard,
+        augment_positive=augment_positive,
+        augment_kwargs=augment_kwargs,
+    )
 
     input_spec = {
         "task": "exemplar",

@@ -53,7 +53,7 @@ from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
 from ssl3d_jax.ops.patches import extract_grid
-from ssl3d_jax.tasks import Task, check_batch_rank, encoder_config
+from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
 
 __all__ = [
     "permutation_set",
@@ -358,19 +358,15 @@ def make_task(config, *, in_channels: int):
             rngs=rngs,
         )
 
-    def loss(model: JigsawModel, volumes: jax.Array, key: jax.Array):
-        check_batch_rank(volumes, spatial_dims, "jigsaw")
-        key_batch, key_dropout = jax.random.split(key)
-        return loss_fn(
-            model,
-            volumes,
-            key_batch,
-            patches_per_side=p,
-            jitter=j,
-            permutations=perms,
-            training=True,
-            dropout_key=key_dropout if uses_dropout else None,
-        )
+    loss = pretext_loss(
+        loss_fn,
+        task="jigsaw",
+        spatial_dims=spatial_dims,
+        uses_dropout=uses_dropout,
+        patches_per_side=p,
+        jitter=j,
+        permutations=perms,
+    )
 
     input_spec = {
         "task": "jigsaw",

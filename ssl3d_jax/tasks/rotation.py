@@ -57,7 +57,7 @@ from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.layers import check_spatial_dims, max_pool2
 from ssl3d_jax.models.unet import Encoder3D, flatten_features
-from ssl3d_jax.tasks import Task, check_batch_rank, encoder_config
+from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
 
 __all__ = [
     "num_classes",
@@ -277,16 +277,12 @@ def make_task(config, *, in_channels: int):
             rngs=rngs,
         )
 
-    def loss(model: RotationModel, volumes: jax.Array, key: jax.Array):
-        check_batch_rank(volumes, spatial_dims, "rotation")
-        key_batch, key_dropout = jax.random.split(key)
-        return loss_fn(
-            model,
-            volumes,
-            key_batch,
-            training=True,
-            dropout_key=key_dropout if uses_dropout else None,
-        )
+    loss = pretext_loss(
+        loss_fn,
+        task="rotation",
+        spatial_dims=spatial_dims,
+        uses_dropout=uses_dropout,
+    )
 
     input_spec = {
         "task": "rotation",

@@ -47,7 +47,7 @@ from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.layers import check_spatial_dims
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
 from ssl3d_jax.ops.patches import grid_starts, patch_shape, slice_patches, spatial_dims_of
-from ssl3d_jax.tasks import Task, check_batch_rank, encoder_config
+from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
 
 __all__ = ["num_classes", "sample_pair", "make_batch", "RPLModel", "loss_fn"]
 
@@ -248,18 +248,14 @@ def make_task(config, *, in_channels: int):
             rngs=rngs,
         )
 
-    def loss(model: RPLModel, volumes: jax.Array, key: jax.Array):
-        check_batch_rank(volumes, spatial_dims, "RPL")
-        key_batch, key_dropout = jax.random.split(key)
-        return loss_fn(
-            model,
-            volumes,
-            key_batch,
-            patches_per_side=p,
-            jitter=j,
-            training=True,
-            dropout_key=key_dropout if uses_dropout else None,
-        )
+    loss = pretext_loss(
+        loss_fn,
+        task="RPL",
+        spatial_dims=spatial_dims,
+        uses_dropout=uses_dropout,
+        patches_per_side=p,
+        jitter=j,
+    )
 
     input_spec = {
         "task": "rpl",
