@@ -15,16 +15,22 @@ IN_CHANNELS = 2
 BATCH = 8
 
 
+@pytest.fixture(scope="module", params=["3d", "2d"])
+def dims(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def task():
-    config = rpl_config.get_config("smoke")
+def task(dims):
+    config = rpl_config.get_config(f"smoke,{dims}")
     return tasks.get_task(config, in_channels=IN_CHANNELS)
 
 
 @pytest.fixture(scope="module")
-def volumes():
+def volumes(dims):
     rng = np.random.default_rng(0)
-    return rng.normal(size=(BATCH, 24, 24, 24, IN_CHANNELS)).astype(np.float32)
+    spatial = (24,) * int(dims[0])
+    return rng.normal(size=(BATCH, *spatial, IN_CHANNELS)).astype(np.float32)
 
 
 def _make(task, devices, tx, counter=None):
