@@ -1,8 +1,9 @@
 """Relative 3D patch location (RPL) pretraining, then 3D U-Net segmentation finetuning.
 
 Run:
-    python launch/main.py --config=configs/rpl.py                 # default: phantom, 2-core CPU, minutes
-    python launch/main.py --config=configs/rpl.py:smoke           # seconds, for tests
+    python launch/main.py --config=configs/rpl.py           # default: phantom, 2-core CPU, minutes
+    python launch/main.py --config=configs/rpl.py:smoke     # seconds, for tests
+    python launch/main.py --config=configs/rpl.py:2d        # 2D: axial slices, 8 classes
     python launch/main.py --config=configs/rpl.py:paper --config.data.root=/data/BraTS2021_Training
 
 Paper setting (Taleb et al. 2020, and the original `configs/train/rpl_3d.json`): 128³ volumes

@@ -120,7 +120,7 @@ def restore_encoder(ckpt_dir: str | os.PathLike, encoder_params: dict, *, part: 
 
     Args:
       ckpt_dir: the pretraining run's `checkpoints` folder.
-      encoder_params: nested dict of arrays, the freshly initialised encoder of the finetuning model.
+      encoder_params: nested dict of arrays, the finetuning model's freshly initialised encoder.
 
     Returns:
       (params, report): the merged nested dict (loaded leaves as numpy arrays, others unchanged) and
@@ -144,25 +144,28 @@ def restore_encoder(ckpt_dir: str | os.PathLike, encoder_params: dict, *, part: 
         on_disk = ckpt.param_shapes(step)
         if part not in on_disk:
             raise CheckpointError(
-                f"checkpoint {ckpt_dir}/{step} has no params/{part}; its parts are {sorted(on_disk)}"
+                f"checkpoint {ckpt_dir}/{step} has no params/{part}; "
+                f"its parts are {sorted(on_disk)}"
             )
         disk_flat = _flatten(on_disk[part])
         target_flat = _flatten(encoder_params)
         matched = sorted(set(disk_flat) & set(target_flat))
         if not matched:
             raise CheckpointError(
-                f"no encoder parameter of the model matches checkpoint {ckpt_dir}/{step}: model has "
+                f"no encoder parameter of the model matches checkpoint {ckpt_dir}/{step}: "
+                "model has "
                 f"{sorted(target_flat)[:5]}..., checkpoint has {sorted(disk_flat)[:5]}..."
             )
         bad = [
-            f"{k}: checkpoint {tuple(disk_flat[k].shape)} vs model {tuple(np.shape(target_flat[k]))}"
+            f"{k}: checkpoint {tuple(disk_flat[k].shape)} "
+            f"vs model {tuple(np.shape(target_flat[k]))}"
             for k in matched
             if tuple(disk_flat[k].shape) != tuple(np.shape(target_flat[k]))
         ]
         if bad:
             raise CheckpointError(
-                f"encoder in {ckpt_dir}/{step} does not fit the model (wrong in_channels or widths?): "
-                + "; ".join(bad[:8])
+                f"encoder in {ckpt_dir}/{step} does not fit the model "
+                "(wrong in_channels, widths or dimensionality?): " + "; ".join(bad[:8])
             )
         loaded = ckpt.restore_params(step, {part: on_disk[part]})[part]
     loaded_flat = _flatten(loaded)

@@ -15,15 +15,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from configs import rotation as rotation_config
 from configs import rpl as rpl_config
 from ssl3d_jax import run
 from ssl3d_jax.checkpoint import Checkpointer
 from ssl3d_jax.data import phantom
-from ssl3d_jax.errors import DataError
+from ssl3d_jax.errors import CheckpointError, DataError
 
 
-def _config(root):
-    config = rpl_config.get_config("smoke")
+def _config(root, task_config=rpl_config):
+    config = task_config.get_config("smoke")
     config.data.root = str(root)
     config.data.phantom.num_cases = 5
     config.data.num_test = 1
@@ -128,3 +129,32 @@ def test_empty_data_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=str(tmp_path / "empty")):
         run.run(_config(tmp_path / "empty"), str(tmp_path / "work"))
+
+
+def test_finetune_without_pretraining_checkpoint(complete_run, tmp_path):
+    data, _ = complete_run
+    config = _config(data)
+    config.mode = "finetune"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run.run(config, str(tmp_path / "fresh_workdir"))
+
+
+def test_workdir_of_another_task_is_refused(complete_run, tmp_path):
+    data, workdir = complete_run
+    other = tmp_path / "work"
+    shutil.copytree(workdir, other)
+    before = _snapshot(other / "checkpoints")
+    config = _config(data, rotation_config)
+    with pytest.raises(CheckpointError, match="holds checkpoints of task 'rpl', not 'rotation'"):
+        run.run(config, str(other))
+    assert _snapshot(other / "checkpoints") == before
+
+
+def test_finetune_refuses_encoder_with_other_channel_count(complete_run, tmp_path):
+    data, workdir = complete_run
+    config = _config(data)
+    config.mode = "finetune"
+    config.data.modalities = ("t1", "flair")
+    config.finetune.init_from = str(workdir / "checkpoints")
+    with pytest.raises(CheckpointError, match="pretrained on 4 input channels"):
+        run.run(config, str(tmp_path / "ft"))

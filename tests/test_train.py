@@ -10,6 +10,7 @@ import pytest
 from configs import rpl as rpl_config
 from ssl3d_jax import parallel, tasks
 from ssl3d_jax.train import step as step_lib
+from ssl3d_jax.train.state import TrainState
 
 IN_CHANNELS = 2
 BATCH = 8
@@ -118,3 +119,41 @@ def test_frozen_parts_get_no_update_and_keep_their_optimizer_state(task, volumes
     moved = jax.tree.map(np.array_equal, before.params["head"], after.params["head"])
     assert not all(jax.tree.leaves(moved))
     assert int(after.step) == 1
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+    from ssl3d_jax.train import loop
+
+    class _Ckpt:
+        saved: list = []
+
+        def save(self, step, *a, **k):
+            self.saved.append(step)
+
+        def wait(self):
+            pass
+
+    ckpt = _Ckpt()
+    losses = iter([1.0, 0.5, float("nan"), 0.1])
+
+    def step_fn(_):
+        def step(state, batch):
+            return state.replace(step=state.step + 1), {"loss": np.float32(next(losses))}
+
+        return step
+
+    state = TrainState(step=np.int32(0), params={}, opt_state={}, rng=np.zeros(2))
+    with pytest.raises(loop.NonFiniteLossError, match="step 3"):
+        loop.train_loop(
+            phase="pretrain",
+            state=state,
+            step_fn=step_fn,
+            batches=iter(lambda: {}, None),
+            put_batch=lambda b: b,
+            num_steps=4,
+            writer=loop.MetricWriter(tmp_path / "metrics.jsonl"),
+            log_every=1,
+            checkpointer=ckpt,
+            checkpoint_every=1,
+        )
+    assert ckpt.saved == [1, 2]  # steps 1 and 2 completed finitely; step 3 (loss NaN) not saved

@@ -67,6 +67,11 @@ def segmentation_loss(model, batch, key, *, dice_weight: float, ce_weight: float
 
 def _check_compatible(init_from: str, config) -> None:
     """Refuse an encoder pretrained on other input channels before touching its weights."""
+    if not os.path.isdir(init_from):
+        raise CheckpointError(
+            f"pretraining checkpoint folder {init_from} does not exist (set "
+            "config.finetune.init_from, or run the pretraining first with config.mode)"
+        )
     with Checkpointer(init_from, create=False) as ckpt:
         meta = ckpt.read_meta()
     dims = meta.get("input", {}).get("spatial_dims")

@@ -117,7 +117,7 @@ def train_loop(
         batch = put_batch(next(batches))
         t_data += time.perf_counter() - t0
         state, metrics = step_fn(step)(state, batch)
-        pending.append((step, metrics))
+        pending.append((step + 1, metrics))  # numbered as logged: steps completed
         done = step + 1
         save = checkpointer is not None and (
             done == num_steps or (checkpoint_every and done % checkpoint_every == 0)
