@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import ml_collections
@@ -12,6 +13,7 @@ import ssl3d_jax
 from ssl3d_jax import parallel
 from ssl3d_jax.data import brats, pipeline, preprocess, slices
 from ssl3d_jax.errors import ConfigError
+from ssl3d_jax.train import loop
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +100,39 @@ def log_devices(mesh) -> None:
         jax.devices()[0].platform,
         dict(mesh.shape),
     )
+
+
+def fit(
+    *,
+    phase: str,
+    state,
+    step_fn,
+    batches,
+    keys: tuple[str, ...],
+    cfg,
+    workdir: str,
+    ckpt,
+    meta: dict,
+    mesh,
+):
+    """`loop.train_loop` with the settings of `cfg` (`config.pretrain` or `config.finetune`),
+    checkpointing into `ckpt` and closing the data iterator (its worker processes) at the end."""
+    try:
+        return loop.train_loop(
+            phase=phase,
+            state=state,
+            step_fn=step_fn,
+            batches=batches,
+            put_batch=batch_putter(mesh, keys),
+            num_steps=cfg.num_steps,
+            writer=loop.MetricWriter(os.path.join(workdir, "metrics.jsonl")),
+            log_every=cfg.log_every,
+            checkpointer=ckpt,
+            checkpoint_every=cfg.checkpoint_every,
+            meta=meta,
+            data_iter=batches,
+        )
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()

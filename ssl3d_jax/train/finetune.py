@@ -28,7 +28,7 @@ from ssl3d_jax.checkpoint import Checkpointer, restore_encoder
 from ssl3d_jax.data import brats, pipeline, slices
 from ssl3d_jax.errors import CheckpointError
 from ssl3d_jax.models.unet import SegmentationModel
-from ssl3d_jax.train import common, loop
+from ssl3d_jax.train import common
 from ssl3d_jax.train import data as data_lib
 from ssl3d_jax.train import step as step_lib
 
@@ -151,25 +151,18 @@ def run(
         if latest is not None:
             log.info("Resuming %s from step %d", phase, latest)
             state = ckpt.restore(latest, common.abstract_like(state), data_iter=batches)
-        try:
-            state = loop.train_loop(
-                phase=phase,
-                state=state,
-                step_fn=lambda s: frozen_step if s < warmup else full_step,
-                batches=batches,
-                put_batch=common.batch_putter(mesh, ("image", "label")),
-                num_steps=cfg.num_steps,
-                writer=loop.MetricWriter(os.path.join(workdir, "metrics.jsonl")),
-                log_every=cfg.log_every,
-                checkpointer=ckpt,
-                checkpoint_every=cfg.checkpoint_every,
-                meta=meta,
-                data_iter=batches,
-            )
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
+        state = common.fit(
+            phase=phase,
+            state=state,
+            step_fn=lambda s: frozen_step if s < warmup else full_step,
+            batches=batches,
+            keys=("image", "label"),
+            cfg=cfg,
+            workdir=workdir,
+            ckpt=ckpt,
+            meta=meta,
+            mesh=mesh,
+        )
 
     per_case = evaluate(config, graphdef, state.params, [by_name[n] for n in splits["test"]])
     mean = {r: float(np.mean([d[r] for d in per_case.values()])) for r in metrics.REGIONS}

@@ -15,7 +15,7 @@ import optax
 from ssl3d_jax import parallel, tasks
 from ssl3d_jax.checkpoint import Checkpointer
 from ssl3d_jax.errors import CheckpointError
-from ssl3d_jax.train import common, loop
+from ssl3d_jax.train import common
 from ssl3d_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -69,23 +69,16 @@ def run(config, workdir: str, cases: list, *, mesh=None) -> str:
             return task.loss(model, batch["image"], key)
 
         train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, loss_fn, tx), mesh)
-        try:
-            loop.train_loop(
-                phase="pretrain",
-                state=state,
-                step_fn=lambda s: train_step,
-                batches=batches,
-                put_batch=common.batch_putter(mesh, ("image",)),
-                num_steps=cfg.num_steps,
-                writer=loop.MetricWriter(os.path.join(workdir, "metrics.jsonl")),
-                log_every=cfg.log_every,
-                checkpointer=ckpt,
-                checkpoint_every=cfg.checkpoint_every,
-                meta=meta,
-                data_iter=batches,
-            )
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
+        common.fit(
+            phase="pretrain",
+            state=state,
+            step_fn=lambda s: train_step,
+            batches=batches,
+            keys=("image",),
+            cfg=cfg,
+            workdir=workdir,
+            ckpt=ckpt,
+            meta=meta,
+            mesh=mesh,
+        )
     return ckpt_dir
