@@ -64,6 +64,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
+from ssl3d_jax.models.layers import check_spatial_dims
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
 from ssl3d_jax.ops.augment import (
     augment,
@@ -351,9 +352,7 @@ def make_task(config, *, in_channels: int):
     dropout key is split off the step key.
     """
     cfg = config.exemplar
-    spatial_dims = int(config.data.spatial_dims)
-    if spatial_dims not in (2, 3):
-        raise ConfigError(f"config.data.spatial_dims={spatial_dims!r}: expected 2 or 3.")
+    spatial_dims = check_spatial_dims(config.data.spatial_dims)
     code_size = int(cfg.code_size)
     if code_size < 1:
         raise ConfigError(f"config.exemplar.code_size={cfg.code_size!r}: expected >= 1.")

@@ -51,6 +51,7 @@ from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
+from ssl3d_jax.models.layers import check_spatial_dims
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
 from ssl3d_jax.ops.patches import extract_grid
 from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
@@ -332,9 +333,7 @@ def make_task(config, *, in_channels: int):
     loss always uses random sub-crops (`training=True`) and train mode; its dropout key is split
     off the step key.
     """
-    spatial_dims = int(config.data.spatial_dims)
-    if spatial_dims not in (2, 3):
-        raise ConfigError(f"data.spatial_dims must be 2 or 3, got {spatial_dims}.")
+    spatial_dims = check_spatial_dims(config.data.spatial_dims)
     p, j = int(config.jigsaw.patches_per_side), int(config.jigsaw.jitter)
     _check_grid(p)
     n = p**spatial_dims

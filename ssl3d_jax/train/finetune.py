@@ -28,6 +28,7 @@ from ssl3d_jax.checkpoint import Checkpointer, restore_encoder
 from ssl3d_jax.data import brats, pipeline, slices
 from ssl3d_jax.errors import CheckpointError
 from ssl3d_jax.models.unet import SegmentationModel
+from ssl3d_jax.tasks import encoder_config
 from ssl3d_jax.train import common
 from ssl3d_jax.train import data as data_lib
 from ssl3d_jax.train import step as step_lib
@@ -39,18 +40,16 @@ ARMS = ("pretrained", "scratch")
 
 
 def build_model(config, *, in_channels: int):
-    m = config.model
+    # The same encoder settings as every pretext model, so that params['encoder'] fits.
+    encoder_kwargs = encoder_config(config)
 
     def build(rngs):
         return SegmentationModel(
             in_channels,
             NUM_CLASSES,
             spatial_dims=config.data.spatial_dims,
-            filters=tuple(m.filters),
-            bottom_filters=m.bottom_filters,
-            num_groups=m.num_groups,
-            dropout_rate=m.dropout_rate,
             rngs=rngs,
+            **encoder_kwargs,
         )
 
     return build
