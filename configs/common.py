@@ -57,16 +57,34 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
 
     # --- data -------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
-    # BraTS training folder (`<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz`). None: the built-in
-    # synthetic phantom, generated once into a cache folder.
+    # Dataset folder. None: the built-in synthetic BraTS-layout phantom, generated once into a
+    # cache folder. Layouts (README "Data layouts"): a BraTS training folder
+    # (`<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz`), a Medical Segmentation Decathlon task
+    # (`dataset.json`, imagesTr/, labelsTr/), a folder of unlabelled NIfTI (pretraining only), or
+    # a folder of 2D images with a CSV of grades (classification).
     c.data.root = config_dict.placeholder(str)
-    c.data.modalities = ("t1", "t1ce", "t2", "flair")
+    c.data.layout = "auto"  # 'auto' detects it from the root; or brats | decathlon | nifti | images
+    # Input channels by name, in model order (BraTS: t1 t1ce t2 flair; Decathlon: dataset.json's
+    # modality names). None: every channel of the dataset.
+    c.data.modalities = config_dict.placeholder(tuple)
+    c.data.labels_csv = config_dict.placeholder(str)  # images layout; None: the CSV in the root
+    c.data.ct_window = (-100.0, 240.0)  # CT: HU clipping window (abdomen soft tissue)
+    # Target voxel spacing in mm per axis before fitting; None keeps each scan's own spacing.
+    c.data.spacing = config_dict.placeholder(tuple)
+    c.data.crop_foreground = True  # crop to the body / brain bounding box before fitting
+    # Preprocessed arrays are written once to a disk cache keyed on every preprocessing setting
+    # (so that training never decodes gzip NIfTI again); None: $SSL3D_JAX_CACHE/preprocessed or
+    # ~/.cache/ssl3d_jax/preprocessed. '' disables the disk cache.
+    c.data.cache_dir = config_dict.placeholder(str)
     # 3: volumes; 2: axial slices of the same preprocessed volumes.
     c.data.spatial_dims = dims
     # Edge of the preprocessed cube; in 2D the slices are size × size.
     c.data.size = {"paper": 128, "default": 40 if dims == 3 else 64, "smoke": 24}[size]
     c.data.slice_fraction = 0.6  # 2D: central fraction of the axial slices used per volume
-    c.data.resize_mode = "resize"  # or 'crop_pad'
+    # 'resize': the whole (cropped) scan becomes the model's input cube; 'crop_pad': centre
+    # crop / pad to the cube; 'none': keep the scan's size, train on random size³ crops and
+    # evaluate with sliding windows.
+    c.data.resize_mode = "resize"
     c.data.normalization = "zscore"  # or 'minmax'; per modality, over the foreground
     c.data.num_test = {"paper": 50, "default": 6, "smoke": 2}[size]  # held-out evaluation cases
     c.data.num_workers = 0  # grain worker processes (0: threads in the main process)
@@ -100,10 +118,19 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     c.pretrain.log_every = {"paper": 100, "default": 50, "smoke": 1}[size]
     c.pretrain.checkpoint_every = {"paper": 5000, "default": 250, "smoke": 2}[size]
     c.pretrain.keep_checkpoints = 3
+    # Online signal: every `knn_every` steps (0: never), a kNN classifier on the encoder's pooled
+    # features of labelled training data (segmentation: patches with / without foreground;
+    # classification: the grades), half of the cases as memory bank, half as queries.
+    c.pretrain.knn_every = {"paper": 5000, "default": 250, "smoke": 2}[size]
+    c.pretrain.knn_cases = {"paper": 16, "default": 8, "smoke": 2}[size]
+    c.pretrain.knn_k = 20
 
     # --- finetuning (3D U-Net segmentation of the BraTS regions) -----------------------------
     c.finetune = ml_collections.ConfigDict()
-    # 'pretrained': encoder restored from the pretraining checkpoint; 'scratch': random init.
+    # 'pretrained': encoder restored from the pretraining checkpoint (frozen warm-up, then
+    # everything trains); 'scratch': random init; 'probe': the restored encoder stays frozen and
+    # only a linear read-out trains (voxel-wise for segmentation, on pooled features for
+    # classification).
     c.finetune.arms = ("pretrained", "scratch")
     # Pretraining checkpoint folder to restore the encoder from; None: <workdir>/checkpoints.
     c.finetune.init_from = config_dict.placeholder(str)
@@ -117,4 +144,30 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     c.finetune.ce_weight = 1.0
     c.finetune.log_every = {"paper": 100, "default": 10, "smoke": 1}[size]
     c.finetune.checkpoint_every = {"paper": 5000, "default": 50, "smoke": 2}[size]
+    # Test-set predictions as NIfTI in each scan's own grid (open on top of the scan in ITK-SNAP
+    # or 3D Slicer), under <workdir>/finetune/<arm>/predictions.
+    c.finetune.save_predictions = True
+    c.finetune.hd95 = False  # also report the 95th-percentile Hausdorff distance (mm); slow
+    c.finetune.sliding_window_overlap = 0.5  # resize_mode 'none': overlap of evaluation windows
+
+    # --- classification finetuning (2D image datasets with grades, e.g. diabetic retinopathy) --
+    c.classify = ml_collections.ConfigDict()
+    c.classify.head_hidden = 64  # MLP head width of the finetuned arms (the original: 1024)
+    c.classify.head_dropout = 0.0  # the original: 0.5
+    c.classify.flip = True  # random horizontal / vertical flips of the training images
+
+    # --- the paper's data-efficiency protocol (config.mode='experiment') --------------------
+    c.experiment = ml_collections.ConfigDict()
+    # Fractions of the non-test cases that are labelled for finetuning (the paper: 5..100%).
+    c.experiment.fractions = {
+        "paper": (0.05, 0.1, 0.25, 0.5, 1.0),
+        "default": (0.1, 0.25, 1.0),
+        "smoke": (0.5, 1.0),
+    }[size]
+    c.experiment.repetitions = {"paper": 3, "default": 1, "smoke": 1}[size]
+    c.experiment.arms = ("pretrained", "scratch", "probe")
+    # Folder of the split files shared by every method of a comparison; None: <workdir>/splits.
+    c.experiment.splits_dir = config_dict.placeholder(str)
+    # config.mode='sweep': the pretext tasks compared (each with its own configs/<task>.py).
+    c.experiment.tasks = ("rpl", "rotation", "jigsaw", "cpc", "exemplar")
     return c

@@ -16,6 +16,8 @@ import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
 _CACHE = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax_test_cache"
+# Preprocessed-array caches of in-process runs stay inside the checkout, not in ~/.cache.
+os.environ.setdefault("SSL3D_JAX_CACHE", str(_CACHE.parent / "ssl3d_jax_test"))
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

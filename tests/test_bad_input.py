@@ -158,3 +158,16 @@ def test_finetune_refuses_encoder_with_other_channel_count(complete_run, tmp_pat
     config.finetune.init_from = str(workdir / "checkpoints")
     with pytest.raises(CheckpointError, match="pretrained on 4 input channels"):
         run.run(config, str(tmp_path / "ft"))
+
+
+def test_finetune_refuses_encoder_of_other_dimensionality(complete_run, tmp_path):
+    data, workdir = complete_run
+    config = _config(data)
+    config.mode = "finetune"
+    config.data.spatial_dims = 2
+    config.finetune.init_from = str(workdir / "checkpoints")
+    with pytest.raises(
+        CheckpointError, match="pretrained in 3D, but config.data.spatial_dims is 2"
+    ):
+        run.run(config, str(tmp_path / "ft"))
+    assert not (tmp_path / "ft" / "finetune").exists()

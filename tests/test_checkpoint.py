@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import jax
 import numpy as np
 import optax
@@ -25,6 +27,17 @@ def mesh():
     return parallel.make_mesh()
 
 
+# What run_meta reads of a dataset: a 4-channel MRI volume dataset.
+_BRATS_LIKE = types.SimpleNamespace(
+    name="BraTS",
+    layout="brats",
+    root="/data/brats",
+    modality="mri",
+    channels=("t1", "t1ce", "t2", "flair"),
+    in_channels=4,
+)
+
+
 def _pretrain_state(config, mesh, in_channels):
     task = tasks.get_task(config, in_channels=in_channels)
     _, params = step_lib.init_params(task.build_model, jax.random.key(3), mesh)
@@ -38,7 +51,7 @@ def saved(config, mesh, tmp_path_factory):
     state = state.replace(step=state.step + 7)
     ckpt_dir = tmp_path_factory.mktemp("pre") / "checkpoints"
     with Checkpointer(ckpt_dir) as ckpt:
-        ckpt.save(7, state, common.run_meta(config, phase="pretrain"))
+        ckpt.save(7, state, common.run_meta(config, _BRATS_LIKE, phase="pretrain"))
     return ckpt_dir, jax.device_get(state)
 
 
@@ -57,7 +70,7 @@ def test_full_state_round_trip(saved, config, mesh):
 def test_encoder_only_restore_into_segmentation_model(saved, config, mesh):
     ckpt_dir, state = saved
     _, seg = step_lib.init_params(
-        finetune.build_model(config, in_channels=4), jax.random.key(9), mesh
+        finetune.build_model(config, in_channels=4, num_classes=4), jax.random.key(9), mesh
     )
     seg = jax.device_get(seg)
     merged, report = restore_encoder(ckpt_dir, seg["encoder"])
@@ -76,7 +89,7 @@ def test_encoder_only_restore_into_segmentation_model(saved, config, mesh):
 def test_restore_refuses_wrong_channel_count(saved, config, mesh):
     ckpt_dir, _ = saved
     _, seg = step_lib.init_params(
-        finetune.build_model(config, in_channels=2), jax.random.key(9), mesh
+        finetune.build_model(config, in_channels=2, num_classes=4), jax.random.key(9), mesh
     )
     with pytest.raises(CheckpointError, match="does not fit"):
         restore_encoder(ckpt_dir, jax.device_get(seg["encoder"]))

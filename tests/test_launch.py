@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
+import numpy as np
 import pytest
 from launch_util import run_main as _run
 
@@ -28,9 +30,13 @@ def test_default_command_end_to_end_smoke(smoke_run):
     # Metrics of every phase, one JSON object per line, finite losses.
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     phases = {r["phase"] for r in records}
-    assert phases == {"pretrain", "finetune/pretrained", "finetune/scratch"}
+    assert phases == {"pretrain", "pretrain/knn", "finetune/pretrained", "finetune/scratch"}
     assert [r["step"] for r in records if r["phase"] == "pretrain"] == [1, 2, 3, 4]
-    assert all(r["loss"] == r["loss"] for r in records)
+    # The online kNN probe of the encoder ran every 2 steps (smoke) during pretraining.
+    knn = [r for r in records if r["phase"] == "pretrain/knn"]
+    assert [r["step"] for r in knn] == [2, 4]
+    assert all(0.0 <= r["knn_accuracy"] <= 1.0 for r in knn)
+    assert all(r["loss"] == r["loss"] for r in records if r["phase"] != "pretrain/knn")
     # Results: WT/TC/ET Dice for the pretrained and the from-scratch model.
     results = json.loads((workdir / "results.json").read_text())
     assert set(results["arms"]) == {"pretrained", "scratch"}
@@ -38,6 +44,14 @@ def test_default_command_end_to_end_smoke(smoke_run):
         assert set(arm["dice_mean"]) == {"WT", "TC", "ET"}
         assert all(0.0 <= v <= 1.0 for v in arm["dice_mean"].values())
         assert len(arm["dice_per_case"]) == arm["num_test"] == 2
+        # One prediction NIfTI per test case, in the scan's own grid (shape and affine).
+        for case in results["splits"]["test"]:
+            pred = nib.load(f"{arm['predictions']}/{case}_pred.nii.gz")
+            (seg,) = (workdir.parent / "cache").glob(f"brats_phantom*/{case}/{case}_seg.nii.gz")
+            ref = nib.load(seg)
+            assert pred.shape == ref.shape
+            np.testing.assert_array_equal(pred.affine, ref.affine)
+            assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2, 4}
     assert results["arms"]["pretrained"]["restored_tensors"] > 0
     assert results["arms"]["scratch"]["restored_tensors"] == 0
     restored = json.loads((workdir / "finetune/pretrained/restored_params.json").read_text())
@@ -69,3 +83,22 @@ def test_mistyped_config_key_is_an_error(tmp_path):
     assert proc.returncode != 0
     assert "num_stepz" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_checkpoint_describes_itself(smoke_run):
+    import ssl3d_jax
+    from ssl3d_jax.checkpoint import Checkpointer
+
+    workdir, _ = smoke_run
+    with Checkpointer(workdir / "checkpoints", create=False) as ckpt:
+        meta = ckpt.read_meta()
+    assert meta["library"] == "ssl3d_jax" and meta["version"] == ssl3d_jax.__version__
+    assert meta["task"] == "rpl" and meta["phase"] == "pretrain"
+    spec = meta["input"]
+    assert spec["in_channels"] == 4 and spec["modalities"] == ["t1", "t1ce", "t2", "flair"]
+    assert spec["spatial_dims"] == 3 and spec["axis_order"].startswith("DHWC")
+    assert spec["normalization"] == "zscore" and spec["size"] == 24
+    assert meta["dataset"]["layout"] == "brats"
+    # The full config, and the task's own input description (patch grid).
+    assert meta["config"]["rpl"]["patches_per_side"] == 3
+    assert meta["task_input"]

@@ -62,3 +62,182 @@ def test_cross_entropy_uniform():
     logits = jnp.zeros((2, 3, 4))
     labels = jnp.zeros((2, 3), jnp.int32)
     assert float(losses.cross_entropy(logits, labels)) == pytest.approx(np.log(4), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Region Dice / HD95 on class-index volumes.
+
+PANCREAS = (("pancreas", (1,)), ("tumour", (2,)))
+
+
+def test_region_dice_pancreas_each_class_on_its_own():
+    true = np.array([0, 1, 1, 1, 2, 2, 0, 0])
+    pred = np.array([0, 1, 1, 0, 2, 1, 0, 0])
+    # pancreas: P = {1, 2, 5}, T = {1, 2, 3}, |P ∩ T| = 2 → 4/6; tumour: P = {4}, T = {4, 5} → 2/3
+    d = metrics.region_dice(pred, true, PANCREAS)
+    assert list(d) == ["pancreas", "tumour"]
+    assert d["pancreas"] == pytest.approx(2 / 3)
+    assert d["tumour"] == pytest.approx(2 / 3)
+    # Background agreement (six 0-voxels here) never raises a score.
+    assert metrics.region_dice(np.zeros(8, int), true, PANCREAS) == {"pancreas": 0.0, "tumour": 0.0}
+
+
+def test_region_dice_brats_regions_match_brats_region_dice():
+    rng = np.random.default_rng(0)
+    to_index = np.array([0, 1, 2, 0, 3])  # BraTS label 4 is class index 3
+    true_labels = rng.choice([0, 1, 2, 4], size=(6, 6, 6))
+    pred_labels = rng.choice([0, 1, 2, 4], size=(6, 6, 6))
+    d = metrics.region_dice(to_index[pred_labels], to_index[true_labels], metrics.BRATS_REGIONS)
+    assert d == pytest.approx(metrics.brats_region_dice(pred_labels, true_labels))
+
+
+def test_region_stats_flags_empty_regions():
+    true = np.array([[0, 1], [1, 0]])
+    pred = np.array([[0, 1], [0, 0]])
+    s = metrics.region_stats(pred, true, PANCREAS)
+    assert (s["pancreas"].pred_voxels, s["pancreas"].target_voxels) == (1, 2)
+    assert s["pancreas"].intersection == 1
+    assert not s["pancreas"].empty
+    # No tumour anywhere: Dice 1 by convention, and `empty` lets a report leave the case out.
+    assert s["tumour"].empty
+    assert s["tumour"].dice == 1.0
+
+
+def test_region_rejects_background_and_shape_mismatch():
+    z = np.zeros((3, 3), int)
+    with pytest.raises(ValueError, match="foreground"):
+        metrics.region_dice(z, z, (("all", (0, 1)),))
+    with pytest.raises(ValueError, match="shape"):
+        metrics.region_dice(z, np.zeros((3, 4), int), PANCREAS)
+
+
+def test_hausdorff95_hand_computed_with_spacing():
+    # 1D: pred surface = {1, 3} (index 2 is interior), target surface = {8}.
+    # pred → target: {7, 5}; 95th percentile with linear interpolation = 5 + 0.95 · 2 = 6.9.
+    # target → pred: {5}. HD95 = max(6.9, 5) = 6.9 voxels, 3.45 mm at 0.5 mm per voxel.
+    pred = np.zeros(10, bool)
+    pred[1:4] = True
+    target = np.zeros(10, bool)
+    target[8] = True
+    assert metrics.hausdorff95(pred, target) == pytest.approx(6.9)
+    assert metrics.hausdorff95(pred, target, spacing=(0.5,)) == pytest.approx(3.45)
+    assert metrics.hausdorff95(target, pred, spacing=0.5) == pytest.approx(3.45)
+
+
+def test_hausdorff95_anisotropic_single_voxels():
+    a = np.zeros((6, 6, 6), bool)
+    b = a.copy()
+    a[0, 0, 0] = True
+    b[3, 0, 0] = True
+    # 3 voxels apart along axis 0, 2 mm per voxel on that axis.
+    assert metrics.hausdorff95(a, b, spacing=(2.0, 1.0, 1.0)) == pytest.approx(6.0)
+    assert metrics.hausdorff95(a, a, spacing=(2.0, 1.0, 1.0)) == 0.0
+
+
+def test_hausdorff95_ignores_a_single_outlier():
+    # A 10 × 10 sheet plus one stray voxel 8 slices away: 1 of 101 surface voxels, below the
+    # 5% tail, so HD95 stays 0 where the plain Hausdorff distance would be 8.
+    target = np.zeros((12, 12, 12), bool)
+    target[1, 1:11, 1:11] = True
+    pred = target.copy()
+    pred[9, 5, 5] = True
+    assert metrics.hausdorff95(pred, target) == pytest.approx(0.0)
+
+
+def test_hausdorff95_matches_brute_force():
+    from scipy import ndimage
+
+    def brute(a, b, sp):
+        sa = np.argwhere(a & ~ndimage.binary_erosion(a)) * sp
+        sb = np.argwhere(b & ~ndimage.binary_erosion(b)) * sp
+        d = np.sqrt(((sa[:, None] - sb[None]) ** 2).sum(-1))
+        return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+
+    rng = np.random.default_rng(1)
+    sp = np.array([1.0, 2.0, 0.5])
+    for _ in range(5):
+        a = ndimage.binary_dilation(rng.random((12, 14, 10)) > 0.97, iterations=1)
+        b = ndimage.binary_dilation(rng.random((12, 14, 10)) > 0.97, iterations=2)
+        assert metrics.hausdorff95(a, b, spacing=sp) == pytest.approx(brute(a, b, sp))
+
+
+def test_hausdorff95_empty_masks_and_bad_spacing():
+    z = np.zeros((4, 4, 4), bool)
+    one = z.copy()
+    one[1, 1, 1] = True
+    assert metrics.hausdorff95(z, z) == 0.0
+    assert np.isnan(metrics.hausdorff95(one, z))
+    assert np.isnan(metrics.hausdorff95(z, one))
+    with pytest.raises(ValueError, match="spacing"):
+        metrics.hausdorff95(one, one, spacing=(1.0, 1.0))
+    with pytest.raises(ValueError, match="spacing"):
+        metrics.hausdorff95(one, one, spacing=(1.0, 0.0, 1.0))
+
+
+def test_region_hd95():
+    true = np.zeros((8, 8, 8), int)
+    true[1, 1, 1] = 1
+    pred = np.zeros_like(true)
+    pred[4, 1, 1] = 1
+    pred[6, 6, 6] = 2  # tumour predicted, none in the truth → undefined distance
+    d = metrics.region_hd95(pred, true, PANCREAS, spacing=(1.5, 1.0, 1.0))
+    assert d["pancreas"] == pytest.approx(4.5)
+    assert np.isnan(d["tumour"])
+    assert metrics.region_hd95(true, true, PANCREAS) == {"pancreas": 0.0, "tumour": 0.0}
+
+
+# ------------------------------------------------------------------------------------------------
+# Classification.
+
+
+def test_quadratic_weighted_kappa_hand_computed():
+    # O: (0,0), (0,1), (1,1), (2,2); W = (i-j)²/4 → sum W·O = 0.25.
+    # Histograms true (2,1,1), pred (1,2,1), E = outer / 4 → sum W·E = 1.25. κ = 1 - 0.25/1.25.
+    k = metrics.quadratic_weighted_kappa([0, 0, 1, 2], [0, 1, 1, 2], num_classes=3)
+    assert k == pytest.approx(0.8)
+    # Two classes, both answers swapped: sum W·O = 2, sum W·E = 1 → κ = -1.
+    assert metrics.quadratic_weighted_kappa([0, 1], [1, 0], num_classes=2) == pytest.approx(-1.0)
+
+
+def test_quadratic_weighted_kappa_reference_points():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 4000)
+    assert metrics.quadratic_weighted_kappa(y, y, num_classes=5) == pytest.approx(1.0)
+    chance = metrics.quadratic_weighted_kappa(y, rng.integers(0, 5, 4000), num_classes=5)
+    assert abs(chance) < 0.05
+    assert metrics.quadratic_weighted_kappa(y, np.full_like(y, 2), num_classes=5) == pytest.approx(
+        0.0, abs=1e-12
+    )
+    # Both constant and equal: 0/0 in the formula; perfect agreement by convention.
+    assert metrics.quadratic_weighted_kappa([3, 3, 3], [3, 3, 3], num_classes=5) == 1.0
+    # Quadratic weights: being off by 2 grades costs more than being off by 1.
+    off1 = metrics.quadratic_weighted_kappa(y, np.clip(y + 1, 0, 4), num_classes=5)
+    off2 = metrics.quadratic_weighted_kappa(y, np.clip(y + 2, 0, 4), num_classes=5)
+    assert 1.0 > off1 > off2
+
+
+def test_quadratic_weighted_kappa_matches_sklearn():
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 5, 200)
+    p = np.clip(y + rng.integers(-2, 3, 200), 0, 4)
+    assert metrics.quadratic_weighted_kappa(y, p, num_classes=5) == pytest.approx(
+        sk.cohen_kappa_score(y, p, weights="quadratic")
+    )
+
+
+def test_quadratic_weighted_kappa_rejects_out_of_range_grades():
+    # The original decoded "no sigmoid output above 0.5" to grade -1 and scored it silently.
+    with pytest.raises(ValueError, match=r"\[-1\]"):
+        metrics.quadratic_weighted_kappa([0, 1, 2], [0, -1, 2], num_classes=5)
+    with pytest.raises(ValueError, match="outside"):
+        metrics.quadratic_weighted_kappa([0, 5], [0, 1], num_classes=5)
+    with pytest.raises(ValueError, match="num_classes"):
+        metrics.quadratic_weighted_kappa([0], [0], num_classes=1)
+
+
+def test_accuracy():
+    assert metrics.accuracy([0, 1, 2, 3], [0, 1, 0, 3]) == pytest.approx(0.75)
+    assert metrics.accuracy(np.array([[1, 2]]), np.array([1, 2])) == 1.0
+    with pytest.raises(ValueError, match="labels"):
+        metrics.accuracy([0, 1], [0])

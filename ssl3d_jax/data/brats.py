@@ -1,20 +1,21 @@
-"""BraTS-layout datasets: finding cases, label conventions, and a grain data source.
+"""The BraTS layout of `datasets`: finding cases, label conventions, and a grain data source.
 
-Layout: `<root>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz` (`.nii` also accepted).
-Labels: 0 background, 1 necrotic / non-enhancing core, 2 oedema, 4 enhancing tumour.
+Layout: `<root>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz` (`.nii` also accepted), BraTS
+2018-2021 (2018/2019 case folders may sit in HGG/ and LGG/).
+Labels on disk: 0 background, 1 necrotic / non-enhancing core, 2 oedema, 4 enhancing tumour;
+models see class indices 0..3 (`INDEX_TO_LABEL` maps back), regions WT = {1,2,4}, TC = {1,4},
+ET = {4} on disk = class indices (1,2,3), (1,3), (3,).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 from typing import Sequence
 
-import grain
 import numpy as np
 
-from ssl3d_jax.data.nifti import load_nifti
+from ssl3d_jax.data import datasets
 from ssl3d_jax.errors import DataError
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -45,33 +46,63 @@ def labels_to_index(seg: np.ndarray, *, path: str | os.PathLike) -> np.ndarray:
     Raises:
       DataError naming `path` and listing the unexpected values.
     """
-    seg = np.asarray(seg)
-    lut = np.full(max(LABELS) + 1, -1, dtype=np.int32)
-    lut[list(LABELS)] = np.arange(len(LABELS), dtype=np.int32)
-    values = np.unique(seg)
-    bad = [v for v in values.tolist() if not (0 <= v <= max(LABELS)) or lut[int(v)] < 0]
-    if bad:
-        raise DataError(
-            f"{path}: unexpected label values {bad}; expected BraTS labels {list(LABELS)}."
-        )
-    return lut[seg.astype(np.int64)]
+    return datasets.labels_to_index(seg, LABELS, path=path, dataset="BraTS")
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One BraTS case: image files in `MODALITIES` order and the optional seg file."""
+# The shared case description (datasets.Case); BraTS cases set `images` (MODALITIES order) and
+# `label`.
+Case = datasets.Case
 
-    name: str
-    images: tuple[pathlib.Path, ...]
-    label: pathlib.Path | None
+# Class index -> region membership, for datasets.Dataset.regions.
+INDEX_REGIONS = (("WT", (1, 2, 3)), ("TC", (1, 3)), ("ET", (3,)))
+CLASS_NAMES = ("background", "necrotic / non-enhancing core", "oedema", "enhancing tumour")
 
 
-def _find_file(folder: pathlib.Path, stem: str) -> pathlib.Path | None:
+def _find_file(folder: pathlib.Path, stem: str, suffix_tag: str) -> pathlib.Path | None:
+    """`<folder>/<stem>.nii[.gz]`, else the single visible `*_<suffix_tag>.nii[.gz]` in `folder`.
+
+    The fallback accepts case folders renamed after download (file names keep the original
+    case id), which is common with BraTS 2018-2021 copies.
+    """
     for suffix in _SUFFIXES:
         p = folder / f"{stem}{suffix}"
         if p.is_file():
             return p
-    return None
+    hits = [
+        p
+        for suffix in _SUFFIXES
+        for p in folder.glob(f"*_{suffix_tag}{suffix}")
+        if not p.name.startswith(".") and p.is_file()
+    ]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _find_seg(folder: pathlib.Path, name: str) -> pathlib.Path | None:
+    p = _find_file(folder, f"{name}_seg", "seg")
+    if p is not None:
+        return p
+    # BraTS 2020 ships one case (BraTS20_Training_355) whose seg is named
+    # `W39_1998.09.19_Segm.nii`: accept a single other NIfTI whose name mentions "seg".
+    hits = [
+        q
+        for q in folder.iterdir()
+        if datasets._nifti_name(q) is not None and "seg" in q.name.lower() and q.is_file()
+    ]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _case_folders(root: pathlib.Path) -> list[pathlib.Path]:
+    """Case folders under `root`: its sub-folders, or those of grouping folders (HGG/, LGG/ of
+    BraTS 2018/2019), i.e. sub-folders holding no NIfTI file but case folders."""
+    out = []
+    for d in datasets._visible_dirs(root):
+        has_nifti = any(datasets._nifti_name(p) is not None for p in d.iterdir())
+        sub = [] if has_nifti else datasets._visible_dirs(d)
+        if sub and any(datasets._looks_like_brats_case(g) for g in sub):
+            out.extend(sub)
+        else:
+            out.append(d)
+    return sorted(out, key=lambda p: p.name)
 
 
 def find_cases(
@@ -82,9 +113,13 @@ def find_cases(
 ) -> list[Case]:
     """Lists the cases of a BraTS training folder, sorted by case name.
 
+    Accepts the 2018-2021 releases: `<root>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii[.gz]` with
+    case names such as `Brats18_2013_2_1`, `BraTS19_CBICA_AAB_1`, `BraTS20_Training_001` or
+    `BraTS2021_00000`, case folders optionally grouped one level down (2018/2019 `HGG/`, `LGG/`).
+
     Raises:
       DataError: `root` missing or not a folder; no case folders; a case missing a modality or
-        (when `require_label`) its seg file.
+        (when `require_label`) its seg file; two case folders with the same name.
     """
     root = pathlib.Path(root)
     layout = "<root>/<case>/<case>_{" + ",".join([*modalities, "seg"]) + "}.nii.gz"
@@ -95,25 +130,29 @@ def find_cases(
     if not root.is_dir():
         raise DataError(f"{root}: not a folder; expected a folder laid out as {layout}.")
     # Sorted, unlike os.listdir in the original, so case indices are the same on every machine.
-    folders = sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-        key=lambda p: p.name,
-    )
+    folders = _case_folders(root)
     if not folders:
         raise DataError(f"{root}: no case folders found; expected a folder laid out as {layout}.")
     cases = []
+    seen: dict[str, pathlib.Path] = {}
     for folder in folders:
         name = folder.name
+        if name in seen:
+            raise DataError(
+                f"{folder}: case name {name} also used by {seen[name]}; expected unique case "
+                "folder names."
+            )
+        seen[name] = folder
         images = []
         for m in modalities:
-            p = _find_file(folder, f"{name}_{m}")
+            p = _find_file(folder, f"{name}_{m}", m)
             if p is None:
                 raise DataError(
                     f"{folder / f'{name}_{m}.nii.gz'}: missing {m} image of case {name} "
                     f"(expected layout {layout})."
                 )
             images.append(p)
-        label = _find_file(folder, f"{name}_seg")
+        label = _find_seg(folder, name)
         if label is None and require_label:
             raise DataError(
                 f"{folder / f'{name}_seg.nii.gz'}: missing segmentation of case {name} "
@@ -123,70 +162,82 @@ def find_cases(
     return cases
 
 
-class BratsSource(grain.sources.RandomAccessDataSource):
-    """grain source reading one BraTS case per record.
+def make_dataset(
+    root: str | os.PathLike, cases: Sequence[Case], channels: Sequence[str] = MODALITIES
+) -> datasets.Dataset:
+    """The BraTS `datasets.Dataset` of `cases` (images in `channels` order)."""
+    cases = tuple(sorted(cases, key=lambda c: c.name))
+    labelled = bool(cases) and all(c.label is not None for c in cases)
+    return datasets.Dataset(
+        name="BraTS",
+        layout="brats",
+        root=pathlib.Path(root),
+        kind="segmentation" if labelled else "unlabelled",
+        spatial_dims=3,
+        modality="mri",
+        channels=tuple(channels),
+        cases=cases,
+        label_values=LABELS if labelled else (),
+        class_names=CLASS_NAMES if labelled else (),
+        regions=INDEX_REGIONS if labelled else (),
+    )
+
+
+def open_brats(root: str | os.PathLike, *, modalities: Sequence[str] | None = None):
+    """The brats layout as a `datasets.Dataset` (see `find_cases` for the accepted folders).
+
+    Cases without a seg file are allowed only when no case has one (a test set): the dataset is
+    then "unlabelled"; otherwise every case needs its seg (a missing one is a DataError, since a
+    partly labelled BraTS copy is more likely a broken download than intended).
+    """
+    index = datasets.select_channels(MODALITIES, modalities, where=f"{root} (BraTS layout)")
+    channels = tuple(MODALITIES[i] for i in index)
+    cases = find_cases(root, modalities=channels, require_label=False)
+    missing = [c for c in cases if c.label is None]
+    if missing and len(missing) < len(cases):
+        find_cases(root, modalities=channels, require_label=True)  # raises naming the file
+    return make_dataset(root, cases, channels)
+
+
+class BratsSource(datasets.VolumeSource):
+    """`datasets.VolumeSource` over BraTS `cases` (the pre-datasets API, kept for callers).
 
     Record `i`:
       image: float32 [D, H, W, C], channels = modalities in `Case.images` order;
       label: int32 [D, H, W], class index 0..3 (only when `with_label`);
       case_index: np.int32 scalar, = i;
       affine: float64 [4, 4] of the (canonically reoriented) volumes.
-    Holds only plain attributes so it pickles into grain worker processes.
     """
 
     def __init__(self, cases: Sequence[Case], *, with_label: bool = True):
-        self.cases = list(cases)
-        self.with_label = with_label
-        if with_label:
-            for c in self.cases:
-                if c.label is None:
-                    raise DataError(
-                        f"{c.images[0].parent}: case {c.name} has no seg file, but labels were "
-                        "requested (with_label=True)."
-                    )
-
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __repr__(self) -> str:
-        return f"BratsSource({len(self.cases)} cases, with_label={self.with_label})"
-
-    def __getitem__(self, i):
-        i = int(i)
-        case = self.cases[i]
-        channels = []
-        ref_path = ref_shape = ref_affine = None
-        for p in case.images:
-            data, affine = load_nifti(p, dtype=np.float32)
-            if data.ndim != 3:
-                raise DataError(f"{p}: shape {data.shape}; expected a 3D volume.")
-            if ref_path is None:
-                ref_path, ref_shape, ref_affine = p, data.shape, affine
-            else:
-                _check_same_grid(ref_path, ref_shape, ref_affine, p, data.shape, affine)
-            channels.append(data)
-        record = {
-            "image": np.stack(channels, axis=-1),
-            "case_index": np.int32(i),
-            "affine": ref_affine,
-        }
-        if self.with_label:
-            # Read as integers straight from disk: labels are never resampled through floats.
-            seg, affine = load_nifti(case.label, dtype=np.int32)
-            _check_same_grid(ref_path, ref_shape, ref_affine, case.label, seg.shape, affine)
-            record["label"] = labels_to_index(seg, path=case.label)
-        return record
-
-
-def _check_same_grid(path_a, shape_a, affine_a, path_b, shape_b, affine_b) -> None:
-    if tuple(shape_a) != tuple(shape_b):
-        raise DataError(
-            f"{path_b}: shape {tuple(shape_b)} differs from {path_a} shape {tuple(shape_a)}; "
-            "expected all modalities and the seg of a case on the same voxel grid."
+        cases = list(cases)
+        root = cases[0].images[0].parent.parent if cases else pathlib.Path(".")
+        channels = _channel_names(cases)
+        dataset = datasets.Dataset(
+            name="BraTS",
+            layout="brats",
+            root=root,
+            kind="segmentation",
+            spatial_dims=3,
+            modality="mri",
+            channels=channels,
+            cases=tuple(cases),
+            label_values=LABELS,
+            class_names=CLASS_NAMES,
+            regions=INDEX_REGIONS,
         )
-    if not np.allclose(affine_a, affine_b, atol=1e-4):
-        raise DataError(
-            f"{path_b}: affine {np.round(affine_b, 4).tolist()} differs from {path_a} affine "
-            f"{np.round(affine_a, 4).tolist()}; expected all modalities and the seg of a case "
-            "on the same voxel grid."
-        )
+        super().__init__(dataset, cases, with_label=with_label)
+
+
+def _channel_names(cases: Sequence[Case]) -> tuple[str, ...]:
+    if not cases:
+        return MODALITIES
+    c = cases[0]
+    names = []
+    for p in c.images:
+        stem = datasets._nifti_name(p) or p.name
+        names.append(stem.rsplit("_", 1)[-1])
+    return tuple(names)
+
+
+_check_same_grid = datasets.check_same_grid

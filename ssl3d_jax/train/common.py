@@ -5,46 +5,121 @@ from __future__ import annotations
 import logging
 import os
 
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 import ssl3d_jax
 from ssl3d_jax import parallel
-from ssl3d_jax.data import brats, pipeline, preprocess, slices
+from ssl3d_jax.data import cache, datasets, pipeline, preprocess, slices
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.train import loop
 
 log = logging.getLogger(__name__)
 
 
-def make_preprocess(config) -> preprocess.Preprocess:
+def make_preprocess(config, dataset, *, keep_geometry: bool = False) -> preprocess.Preprocess:
+    d = config.data
     return preprocess.Preprocess(
-        size=config.data.size, mode=config.data.resize_mode, normalization=config.data.normalization
+        size=d.size,
+        mode=d.resize_mode,
+        normalization=d.normalization,
+        modality=dataset.modality,
+        ct_window=tuple(d.ct_window),
+        spacing=tuple(d.spacing) if d.spacing else None,
+        crop_foreground=d.crop_foreground,
+        keep_geometry=keep_geometry,
     )
 
 
-def train_iterator(config, cases, *, batch_size: int, with_label: bool, seed: int):
+def cache_root(config) -> str | None:
+    """The preprocessed-array cache folder, or None when `config.data.cache_dir == ''`."""
+    if config.data.cache_dir == "":
+        return None
+    if config.data.cache_dir:
+        return os.path.abspath(os.path.expanduser(config.data.cache_dir))
+    base = os.environ.get("SSL3D_JAX_CACHE", os.path.expanduser("~/.cache/ssl3d_jax"))
+    return os.path.join(base, "preprocessed")
+
+
+def preprocessed_source(config, dataset, cases, *, with_label: bool, progress: bool = True):
+    """A random-access source of preprocessed records (`image`, `label`, `case_index`) of
+    `cases`, read from the disk cache (built here on first use) when it is enabled.
+
+    The cache key covers every preprocessing setting and every file of the dataset (path, size,
+    mtime), so one cache serves pretraining, finetuning and evaluation, and a changed setting or
+    file never reuses stale arrays.
+    """
+    labelled = dataset.kind == "segmentation"
+    volumes = datasets.VolumeSource(dataset, cases, with_label=labelled)
+    prep = make_preprocess(config, dataset, keep_geometry=True)
+    root = cache_root(config)
+    if root is None:
+        source = pipeline.CachedSource(
+            volumes, make_preprocess(config, dataset), cache_bytes=config.data.cache_mb * 2**20
+        )
+        return source if with_label or not labelled else _DropLabel(source)
+    info = {
+        "layout": dataset.layout,
+        "channels": list(dataset.channels),
+        "label_values": list(dataset.label_values),
+        "labelled": labelled,
+    }
+    files = [p for c in dataset.cases for p in (*c.images, *([c.label] if c.label else []))]
+    key = cache.cache_key(info, prep.settings(), files)
+    names = [c.name for c in cases]
+    folder = cache.build_cache(volumes, prep, root, key=key, names=names, progress=progress)
+    return cache.CachedArraysSource(folder, names, with_label=with_label and labelled)
+
+
+class _DropLabel(grain.sources.RandomAccessDataSource):
+    def __init__(self, source):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i):
+        return {k: v for k, v in self._source[i].items() if k != "label"}
+
+
+def train_iterator(config, dataset, cases, *, batch_size: int, with_label: bool, seed: int):
     """A grain iterator over this process's share of the global batch.
 
-    3D: preprocessed volumes `[S, S, S, C]`; 2D (`config.data.spatial_dims == 2`): their axial
-    slices `[S, S, C]`. Preprocessed volumes are cached in memory up to `config.data.cache_mb`.
+    Volumes: preprocessed `[S, S, S, C]` (random S³ crops with `resize_mode='none'`); 2D
+    (`config.data.spatial_dims == 2`): their axial slices `[S, S, C]`; image datasets: images
+    `[S, S, 3]` with their grade as `target`.
     """
     n_proc = jax.process_count()
-    source = pipeline.CachedSource(
-        brats.BratsSource(cases, with_label=with_label),
-        make_preprocess(config),
-        cache_bytes=config.data.cache_mb * 2**20,
-    )
-    if config.data.spatial_dims == 2:
-        source = slices.SliceSource(
-            source, size=config.data.size, keep_fraction=config.data.slice_fraction
-        )
-    elif config.data.spatial_dims != 3:
-        raise ConfigError(f"config.data.spatial_dims={config.data.spatial_dims}: expected 2 or 3")
+    transform = None
+    if dataset.layout == "images":
+        if config.data.spatial_dims != 2:
+            raise ConfigError(
+                f"{dataset.root} holds 2D images: use a 2D config (e.g. configs/rpl.py:2d) or "
+                "config.data.spatial_dims=2"
+            )
+        source = datasets.ImageSource(dataset, cases, size=config.data.size, with_label=with_label)
+    else:
+        source = preprocessed_source(config, dataset, cases, with_label=with_label)
+        if config.data.resize_mode == "none":
+            if config.data.spatial_dims == 2:
+                raise ConfigError(
+                    "config.data.resize_mode='none' (random crops, sliding-window evaluation) is "
+                    "3D only; use 'resize' or 'crop_pad' with 2D configs"
+                )
+            transform = preprocess.RandomCrop(config.data.size)
+        if config.data.spatial_dims == 2:
+            source = slices.SliceSource(
+                source, size=config.data.size, keep_fraction=config.data.slice_fraction
+            )
+        elif config.data.spatial_dims != 3:
+            raise ConfigError(
+                f"config.data.spatial_dims={config.data.spatial_dims}: expected 2 or 3"
+            )
     ds = pipeline.make_train_dataset(
         source,
-        None,
+        transform,
         batch_size=batch_size // n_proc,
         seed=seed,
         num_workers=config.data.num_workers,
@@ -64,22 +139,32 @@ def batch_putter(mesh, keys: tuple[str, ...]):
     return put
 
 
-def run_meta(config, *, phase: str) -> dict:
+def run_meta(config, dataset, *, phase: str) -> dict:
     """JSON stored with every checkpoint: what produced it and what it expects as input."""
+    d = config.data
+    if dataset.layout == "images":
+        axis_order = "HWC (RGB image)"
+    else:
+        axis_order = "DHWC (RAS)" if d.spatial_dims == 3 else "HWC (axial slices, RAS)"
     return {
         "library": "ssl3d_jax",
         "version": ssl3d_jax.__version__,
         "phase": phase,
         "task": config.task,
         "input": {
-            "in_channels": len(config.data.modalities),
-            "spatial_dims": config.data.spatial_dims,
-            "modalities": list(config.data.modalities),
-            "axis_order": "DHWC" if config.data.spatial_dims == 3 else "HWC (axial slices)",
-            "size": config.data.size,
-            "resize_mode": config.data.resize_mode,
-            "normalization": config.data.normalization,
+            "in_channels": dataset.in_channels,
+            "spatial_dims": d.spatial_dims,
+            "modalities": list(dataset.channels),
+            "modality": dataset.modality,
+            "axis_order": axis_order,
+            "size": d.size,
+            "resize_mode": d.resize_mode,
+            "normalization": d.normalization if dataset.modality == "mri" else dataset.modality,
+            "ct_window": list(d.ct_window) if dataset.modality == "ct" else None,
+            "spacing": list(d.spacing) if d.spacing else None,
+            "crop_foreground": d.crop_foreground,
         },
+        "dataset": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root)},
         "config": config.to_dict()
         if isinstance(config, ml_collections.ConfigDict)
         else dict(config),
@@ -114,6 +199,7 @@ def fit(
     ckpt,
     meta: dict,
     mesh,
+    probes: tuple = (),
 ):
     """`loop.train_loop` with the settings of `cfg` (`config.pretrain` or `config.finetune`),
     checkpointing into `ckpt` and closing the data iterator (its worker processes) at the end."""
@@ -131,6 +217,7 @@ def fit(
             checkpoint_every=cfg.checkpoint_every,
             meta=meta,
             data_iter=batches,
+            probes=probes,
         )
     finally:
         close = getattr(batches, "close", None)

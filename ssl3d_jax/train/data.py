@@ -14,7 +14,7 @@ import pathlib
 
 import numpy as np
 
-from ssl3d_jax.data import brats, phantom
+from ssl3d_jax.data import datasets, phantom
 from ssl3d_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,27 @@ def resolve_root(config) -> pathlib.Path:
     return root
 
 
-def load_cases(root: pathlib.Path, config) -> list:
-    return brats.find_cases(root, modalities=tuple(config.data.modalities))
+def open_dataset(config):
+    """The dataset of `config.data` (layout detected from the root unless `config.data.layout`)."""
+    root = resolve_root(config)
+    modalities = config.data.modalities
+    return datasets.open_dataset(
+        root,
+        layout=config.data.layout,
+        modalities=tuple(modalities) if modalities else None,
+        labels_csv=config.data.labels_csv,
+    )
+
+
+def base_split(config, dataset) -> dict:
+    """Test / train / labelled split of `dataset` from `config.seed` (see `make_splits`)."""
+    names = [c.name for c in dataset.cases]
+    num_labeled = config.finetune.num_labeled
+    if config.mode in ("experiment", "sweep"):
+        num_labeled = -1  # the labelled sets come from config.experiment.fractions
+    return make_splits(
+        names, num_test=config.data.num_test, num_labeled=num_labeled, seed=config.seed
+    )
 
 
 def make_splits(names: list[str], *, num_test: int, num_labeled: int, seed: int) -> dict:
@@ -77,3 +96,60 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def select(cases: list, names: list[str]) -> list:
     by_name = {c.name: c for c in cases}
     return [by_name[n] for n in names]
+
+
+def fraction_splits(
+    base: dict, *, fractions, repetitions: int, seed: int
+) -> dict[tuple[float, int], dict]:
+    """Labelled subsets of `base['train']` for the paper's data-efficiency protocol.
+
+    Repetition `r` draws one permutation of the sorted training names from `(seed, r)`; the first
+    `max(1, round(f · N))` names are the labelled set of fraction `f`, so the sets of one
+    repetition are nested (5% ⊂ 10% ⊂ …) and every method sees exactly the same cases. (The
+    original took the first files of `os.listdir`, the same subset in every repetition and a
+    different one on every machine.)
+
+    Returns:
+      {(fraction, repetition): {'test', 'train', 'labeled', 'fraction', 'repetition', 'seed'}}.
+    """
+    train = sorted(base["train"])
+    out = {}
+    for f in fractions:
+        if not 0.0 < float(f) <= 1.0:
+            raise ConfigError(f"config.experiment.fractions: {f} is not a fraction in (0, 1]")
+    for r in range(repetitions):
+        perm = np.random.default_rng([seed, r]).permutation(len(train))
+        for f in fractions:
+            n = max(1, int(round(float(f) * len(train))))
+            out[(float(f), r)] = {
+                "test": list(base["test"]),
+                "train": train,
+                "labeled": sorted(train[i] for i in perm[:n]),
+                "fraction": float(f),
+                "repetition": r,
+                "seed": seed,
+            }
+    return out
+
+
+def split_filename(fraction: float, repetition: int) -> str:
+    return f"split_{fraction * 100:g}pct_rep{repetition}.json"
+
+
+def load_or_write_split(splits_dir: str, split: dict) -> dict:
+    """The split file of (fraction, repetition) in `splits_dir`: written on first use, and on
+    later use checked against what this config would draw (a changed dataset or seed must not
+    silently compare methods on different cases)."""
+    os.makedirs(splits_dir, exist_ok=True)
+    path = os.path.join(splits_dir, split_filename(split["fraction"], split["repetition"]))
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != split:
+            raise ConfigError(
+                f"{path}: this split file differs from the split this config draws (other "
+                "data, seed or num_test?); use another config.experiment.splits_dir or delete it"
+            )
+        return saved
+    write_json(path, split)
+    return split

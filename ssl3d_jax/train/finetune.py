@@ -1,14 +1,20 @@
-"""3D U-Net segmentation finetuning of a (pre)trained encoder, and its evaluation.
+"""U-Net segmentation finetuning of a (pre)trained encoder, and its evaluation.
 
 Protocol (the paper's, from the original `finetune.py`): the 'pretrained' arm restores the
 pretext encoder, trains the decoder alone for `warmup_frozen_steps` (encoder frozen), then trains
-everything; the 'scratch' arm trains the same network from random initialisation. Both arms use the
-same decoder initialisation, data order and steps, so the only difference is the encoder's start.
+everything; the 'scratch' arm trains the same network from random initialisation; the 'probe' arm
+keeps the restored encoder frozen and trains only a voxel-wise linear read-out of its features
+(how much of the segmentation the pretext features already hold). All arms use the same
+initialisation key, data order and steps, so the only difference is the encoder's start.
+Classification datasets (2D images with grades) go to `ssl3d_jax.train.classify`.
 
 Deviations from the original: Adam's state is kept across the unfreeze (the original re-created
 the optimizer), the loss is soft Dice over the tumour classes + cross-entropy, and evaluation
-reports per-case Dice of the BraTS regions WT/TC/ET, each on its own, never averaged with the
-background (the original's region scores were broken by a double argmax).
+reports per-case Dice of each evaluation region of the dataset (BraTS: WT/TC/ET; Decathlon: one
+per labelled structure), each on its own, never averaged with the background (the original's
+region scores were broken by a double argmax). Scores are computed in each scan's own voxel grid:
+the prediction on the model's cube (or, with `resize_mode='none'`, the sliding-window prediction)
+is mapped back through the preprocessing, exactly as the exported NIfTI prediction.
 """
 
 from __future__ import annotations
@@ -18,15 +24,15 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from ssl3d_jax import losses, metrics, parallel
+from ssl3d_jax import inference, losses, metrics, parallel
 from ssl3d_jax.checkpoint import Checkpointer, restore_encoder
-from ssl3d_jax.data import brats, pipeline, slices
+from ssl3d_jax.data import datasets, export, slices
 from ssl3d_jax.errors import CheckpointError
+from ssl3d_jax.models.probes import VoxelLinearProbe
 from ssl3d_jax.models.unet import SegmentationModel
 from ssl3d_jax.tasks import encoder_config
 from ssl3d_jax.train import common
@@ -35,18 +41,21 @@ from ssl3d_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
-NUM_CLASSES = len(brats.LABELS)  # background + labels 1, 2, 4 as class indices 0..3
-ARMS = ("pretrained", "scratch")
+ARMS = ("pretrained", "scratch", "probe")
+# Top-level parts trained in each arm (None: all); the encoder of 'probe' never trains.
+_WARMUP_PARTS = ("decoder",)
+_PROBE_PARTS = ("head",)
 
 
-def build_model(config, *, in_channels: int):
+def build_model(config, *, in_channels: int, num_classes: int, arm: str = "scratch"):
     # The same encoder settings as every pretext model, so that params['encoder'] fits.
     encoder_kwargs = encoder_config(config)
+    cls = VoxelLinearProbe if arm == "probe" else SegmentationModel
 
     def build(rngs):
-        return SegmentationModel(
+        return cls(
             in_channels,
-            NUM_CLASSES,
+            num_classes,
             spatial_dims=config.data.spatial_dims,
             rngs=rngs,
             **encoder_kwargs,
@@ -55,17 +64,24 @@ def build_model(config, *, in_channels: int):
     return build
 
 
-def segmentation_loss(model, batch, key, *, dice_weight: float, ce_weight: float):
-    """Soft Dice (tumour classes) + voxel cross-entropy; `batch` holds image `[B,D,H,W,C]` and
-    label `[B,D,H,W]` class indices."""
+def segmentation_loss(model, batch, key, *, num_classes: int, dice_weight: float, ce_weight: float):
+    """Soft Dice (foreground classes) + voxel cross-entropy; `batch` holds image `[B,*S,C]` and
+    label `[B,*S]` class indices."""
     logits = model(batch["image"], train=True, rngs=nnx.Rngs(dropout=key))
-    dice = losses.soft_dice_loss(logits, batch["label"], num_classes=NUM_CLASSES)
+    dice = losses.soft_dice_loss(logits, batch["label"], num_classes=num_classes)
     ce = losses.cross_entropy(logits, batch["label"])
     return dice_weight * dice + ce_weight * ce, {"dice_loss": dice, "ce": ce}
 
 
-def _check_compatible(init_from: str, config) -> None:
-    """Refuse an encoder pretrained on other input channels before touching its weights."""
+def check_compatible(init_from: str, config, dataset) -> dict:
+    """Refuse an encoder pretrained on other inputs before touching its weights.
+
+    Reads the checkpoint's self-description (`meta.input`, written by every pretraining run) and
+    compares channel count, channel names and dimensionality with this run's data.
+
+    Returns:
+      the checkpoint's meta.
+    """
     if not os.path.isdir(init_from):
         raise CheckpointError(
             f"pretraining checkpoint folder {init_from} does not exist (set "
@@ -73,74 +89,100 @@ def _check_compatible(init_from: str, config) -> None:
         )
     with Checkpointer(init_from, create=False) as ckpt:
         meta = ckpt.read_meta()
-    dims = meta.get("input", {}).get("spatial_dims")
+    spec = meta.get("input", {})
+    dims = spec.get("spatial_dims")
     if dims is not None and dims != config.data.spatial_dims:
         raise CheckpointError(
             f"encoder in {init_from} was pretrained in {dims}D, but config.data.spatial_dims is "
             f"{config.data.spatial_dims}"
         )
-    want = len(config.data.modalities)
-    have = meta.get("input", {}).get("in_channels")
-    if have is not None and have != want:
+    have = spec.get("in_channels")
+    if have is not None and have != dataset.in_channels:
         raise CheckpointError(
             f"encoder in {init_from} was pretrained on {have} input channels "
-            f"({meta['input'].get('modalities')}), but config.data.modalities has {want}"
+            f"({spec.get('modalities')}), but this data has {dataset.in_channels} "
+            f"({list(dataset.channels)}); select channels with config.data.modalities"
         )
+    names = spec.get("modalities")
+    if names and [n.lower() for n in names] != [n.lower() for n in dataset.channels]:
+        log.warning(
+            "Encoder in %s was pretrained on channels %s; this data's channels are %s",
+            init_from,
+            names,
+            list(dataset.channels),
+        )
+    return meta
 
 
 def run(
-    config, workdir: str, arm: str, splits: dict, cases: list, *, init_from: str | None, mesh=None
+    config, workdir: str, arm: str, splits: dict, dataset, *, init_from: str | None, mesh=None
 ) -> dict:
     """Finetune one arm on `splits['labeled']`, evaluate on `splits['test']`.
 
     Returns:
-      JSON-able results: per-case and mean Dice of WT/TC/ET, what was restored, the steps.
+      JSON-able results: `metrics` (mean over test cases of each region's Dice, plus HD95 when
+      `config.finetune.hd95`), per-case scores, what was restored, the steps.
     """
+    if dataset.kind == "classification":
+        from ssl3d_jax.train import classify
+
+        return classify.run(config, workdir, arm, splits, dataset, init_from=init_from, mesh=mesh)
+    if dataset.kind != "segmentation":
+        raise CheckpointError(
+            f"{dataset.root}: {dataset.layout} data has no labels to finetune on; use it for "
+            "config.mode='pretrain' and finetune on a labelled dataset (config.finetune.init_from)"
+        )
     if arm not in ARMS:
         raise CheckpointError(f"config.finetune.arms: unknown arm {arm!r}, expected one of {ARMS}")
     cfg = config.finetune
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_batch_size(cfg.batch_size, mesh, "config.finetune.batch_size")
-    in_channels = len(config.data.modalities)
     arm_dir = os.path.join(os.path.abspath(workdir), "finetune", arm)
     phase = f"finetune/{arm}"
-    by_name = {c.name: c for c in cases}
 
-    # Same init key in both arms: identical decoder init, so the arms differ only in the encoder.
+    # Same init key in every arm: identical decoder init, so the arms differ only in the encoder.
     key_init, key_run = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
-    graphdef, params = step_lib.init_params(
-        build_model(config, in_channels=in_channels), key_init, mesh
+    build = build_model(
+        config, in_channels=dataset.in_channels, num_classes=dataset.num_classes, arm=arm
     )
+    graphdef, params = step_lib.init_params(build, key_init, mesh)
     restored = None
-    if arm == "pretrained":
+    if arm in ("pretrained", "probe"):
         if not init_from:
             raise CheckpointError(
-                "finetune arm 'pretrained' needs config.finetune.init_from "
+                f"finetune arm {arm!r} needs config.finetune.init_from "
                 "(a pretraining checkpoints folder)"
             )
-        _check_compatible(init_from, config)
+        check_compatible(init_from, config, dataset)
         enc, restored = restore_encoder(init_from, jax.device_get(params["encoder"]))
         params = dict(params, encoder=jax.device_put(enc, parallel.replicated(mesh)))
 
     tx = optax.adam(cfg.learning_rate)
     state = step_lib.create_train_state(tx, params, key_run, mesh)
     loss_fn = functools.partial(
-        segmentation_loss, dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight
+        segmentation_loss,
+        num_classes=dataset.num_classes,
+        dice_weight=cfg.dice_weight,
+        ce_weight=cfg.ce_weight,
     )
-    full_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, loss_fn, tx), mesh)
-    frozen_step = step_lib.jit_train_step(
-        step_lib.make_train_step(graphdef, loss_fn, tx, trainable=("decoder",)), mesh
-    )
-    warmup = cfg.warmup_frozen_steps if arm == "pretrained" else 0
+    if arm == "probe":
+        probe_step = step_lib.jit_train_step(
+            step_lib.make_train_step(graphdef, loss_fn, tx, trainable=_PROBE_PARTS), mesh
+        )
+        step_fn = lambda s: probe_step  # noqa: E731
+    else:
+        full_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, loss_fn, tx), mesh)
+        frozen_step = step_lib.jit_train_step(
+            step_lib.make_train_step(graphdef, loss_fn, tx, trainable=_WARMUP_PARTS), mesh
+        )
+        warmup = cfg.warmup_frozen_steps if arm == "pretrained" else 0
+        step_fn = lambda s: frozen_step if s < warmup else full_step  # noqa: E731
 
+    labeled = data_lib.select(dataset.cases, splits["labeled"])
     batches = common.train_iterator(
-        config,
-        [by_name[n] for n in splits["labeled"]],
-        batch_size=cfg.batch_size,
-        with_label=True,
-        seed=config.seed + 1,
+        config, dataset, labeled, batch_size=cfg.batch_size, with_label=True, seed=config.seed + 1
     )
-    meta = common.run_meta(config, phase=phase)
+    meta = common.run_meta(config, dataset, phase=phase)
     meta["restored"] = restored
     os.makedirs(arm_dir, exist_ok=True)
     if restored is not None:  # the full list of loaded tensors, next to the arm's checkpoints
@@ -153,7 +195,7 @@ def run(
         state = common.fit(
             phase=phase,
             state=state,
-            step_fn=lambda s: frozen_step if s < warmup else full_step,
+            step_fn=step_fn,
             batches=batches,
             keys=("image", "label"),
             cfg=cfg,
@@ -163,53 +205,103 @@ def run(
             mesh=mesh,
         )
 
-    per_case = evaluate(config, graphdef, state.params, [by_name[n] for n in splits["test"]])
-    mean = {r: float(np.mean([d[r] for d in per_case.values()])) for r in metrics.REGIONS}
+    test = data_lib.select(dataset.cases, splits["test"])
+    out_dir = os.path.join(arm_dir, "predictions") if cfg.save_predictions else None
+    per_case = evaluate(config, dataset, graphdef, state.params, test, out_dir=out_dir)
+    summary = {
+        k: float(np.nanmean([d[k] for d in per_case.values()]))
+        for k in next(iter(per_case.values()))
+    }
+    dice_mean = {r: summary[r] for r, _ in dataset.regions}
     log.info(
-        "[%s] test Dice (%d cases): %s",
+        "[%s] test (%d cases): %s",
         phase,
         len(per_case),
-        "  ".join(f"{r} {v:.3f}" for r, v in mean.items()),
+        "  ".join(f"{r} {v:.3f}" for r, v in summary.items()),
     )
     return {
-        "dice_mean": mean,
+        "metrics": summary,
+        "dice_mean": dice_mean,
         "dice_per_case": per_case,
         "num_labeled": len(splits["labeled"]),
         "num_test": len(per_case),
         "steps": cfg.num_steps,
-        "warmup_frozen_steps": warmup,
+        "warmup_frozen_steps": cfg.warmup_frozen_steps if arm == "pretrained" else 0,
         "restored_from": init_from if restored else None,
         "restored_tensors": len(restored["loaded"]) if restored else 0,
+        "predictions": out_dir,
     }
 
 
-def evaluate(config, graphdef, params, cases) -> dict:
-    """Per-case Dice of WT/TC/ET on the preprocessed cube of each test case.
-
-    In 2D the volume is segmented slice by slice (all axial slices as one batch) and scored in 3D,
-    so that 2D and 3D models are compared on the same voxels.
-
-    Returns:
-      {case_name: {'WT': float, 'TC': float, 'ET': float}}.
-    """
-    dims = config.data.spatial_dims
-    axis = slices.AXIAL_AXIS
+def make_predictor(config, graphdef):
+    """A jitted `(params, x [N, *window, C]) -> logits [N, *window, K]`; 2D models see the
+    axial slices of a volume as their batch (see `predict_volume`)."""
 
     @jax.jit
-    def predict(params, volume):
-        model = nnx.merge(graphdef, params)
-        if dims == 3:
-            return jnp.argmax(model(volume[None], train=False)[0], axis=-1)
-        stack = jnp.moveaxis(volume, axis, 0)  # [S, S, S, C]: every axial slice, as a batch
-        return jnp.moveaxis(jnp.argmax(model(stack, train=False), axis=-1), 0, axis)
+    def predict(params, x):
+        return nnx.merge(graphdef, params)(x, train=False)
 
-    source = brats.BratsSource(cases, with_label=True)
-    ds = pipeline.make_eval_dataset(source, common.make_preprocess(config))
+    return predict
+
+
+def predict_volume(config, predict, params, volume: np.ndarray) -> np.ndarray:
+    """Class indices int32 `[*spatial]` of one preprocessed volume `[*spatial, C]`.
+
+    3D: one forward pass on the cube, or sliding windows of the training crop over a larger
+    volume (`resize_mode='none'`); 2D: every axial slice of the cube as one batch, stacked back,
+    so that 2D and 3D models are scored on the same voxels.
+    """
+    size = config.data.size
+    if config.data.spatial_dims == 2:
+        stack = np.moveaxis(volume, slices.AXIAL_AXIS, 0)
+        logits = np.asarray(predict(params, stack))
+        return np.moveaxis(np.argmax(logits, axis=-1), 0, slices.AXIAL_AXIS).astype(np.int32)
+    if tuple(volume.shape[:3]) == (size,) * 3:
+        return np.argmax(np.asarray(predict(params, volume[None]))[0], axis=-1).astype(np.int32)
+    probs = inference.sliding_window(
+        lambda x: np.asarray(jax.nn.softmax(predict(params, x), axis=-1)),
+        volume,
+        window=(size,) * 3,
+        overlap=config.finetune.sliding_window_overlap,
+        batch_size=1,
+    )
+    return np.argmax(probs, axis=-1).astype(np.int32)
+
+
+def evaluate(config, dataset, graphdef, params, cases, *, out_dir: str | None = None) -> dict:
+    """Per-case scores of each evaluation region, in each scan's own voxel grid.
+
+    The prediction on the preprocessed volume is mapped back through the preprocessing
+    (fitting, crop, resampling) to the scan's grid and scored against the label file as loaded;
+    with `out_dir` it is also written there as `<case>_pred.nii.gz` with the scan's shape and
+    affine.
+
+    Returns:
+      {case_name: {region: Dice, ...(, 'HD95 <region>': mm)}}.
+    """
+    predict = make_predictor(config, graphdef)
+    prep = common.make_preprocess(config, dataset, keep_geometry=True)
+    source = datasets.VolumeSource(dataset, cases, with_label=True)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
     out = {}
-    for i in range(len(ds)):
-        rec = ds[i]
-        pred = np.asarray(predict(params, rec["image"]))
-        out[cases[i].name] = metrics.brats_region_dice(
-            brats.INDEX_TO_LABEL[pred], brats.INDEX_TO_LABEL[rec["label"]]
+    for i, case in enumerate(cases):
+        raw = source[i]
+        rec = prep.map(raw)
+        pred = export.to_native(
+            predict_volume(config, predict, params, rec["image"]), rec["geometry"]
         )
+        scores = metrics.region_dice(pred, raw["label"], dataset.regions)
+        if config.finetune.hd95:
+            spacing = tuple(float(s) for s in np.linalg.norm(raw["affine"][:3, :3], axis=0))
+            hd = metrics.region_hd95(pred, raw["label"], dataset.regions, spacing=spacing)
+            scores.update({f"HD95 {k}": v for k, v in hd.items()})
+        out[case.name] = scores
+        if out_dir:
+            export.save_prediction(
+                pred,
+                case.label or case.images[0],
+                os.path.join(out_dir, f"{case.name}_pred.nii.gz"),
+                label_values=dataset.label_values,
+            )
     return out

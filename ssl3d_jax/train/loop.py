@@ -54,6 +54,7 @@ def train_loop(
     checkpoint_every: int = 0,
     meta: dict | None = None,
     data_iter=None,
+    probes: tuple = (),
 ):
     """Run steps `state.step` … `num_steps − 1` and return the final state.
 
@@ -65,6 +66,9 @@ def train_loop(
       writer: the metrics file.
       checkpointer: a `Checkpointer`, or None for no checkpoints; saved every `checkpoint_every`
         steps and at the end, together with `meta` and the iterator position of `data_iter`.
+      probes: `(name, every, fn)` triples: `fn(state) -> dict of floats` runs every `every`
+        steps and at the end (e.g. the kNN probe of the encoder during pretraining); its record
+        goes to the metrics file with phase `<phase>/<name>`.
 
     Raises:
       NonFiniteLossError: with the step number; the checkpoint of that step is not written.
@@ -126,6 +130,14 @@ def train_loop(
             flush(done)  # also checks finiteness before anything is saved
         if save:
             checkpointer.save(done, state, meta or {}, data_iter=data_iter)
+        for name, every, fn in probes:
+            if every and (done % every == 0 or done == num_steps):
+                t_probe = time.perf_counter()
+                result = {k: float(v) for k, v in fn(state).items()}
+                writer.write(dict(result, phase=f"{phase}/{name}", step=done, time=time.time()))
+                shown = " ".join(f"{k} {v:.4g}" for k, v in sorted(result.items()))
+                log.info("[%s/%s] step %d  %s", phase, name, done, shown)
+                t_last += time.perf_counter() - t_probe  # not counted as training time
     if pending:
         flush(num_steps)
     if checkpointer is not None:

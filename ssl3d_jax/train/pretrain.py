@@ -10,10 +10,13 @@ import logging
 import os
 
 import jax
+import numpy as np
 import optax
+from flax import nnx
 
-from ssl3d_jax import parallel, tasks
+from ssl3d_jax import parallel, probes, tasks
 from ssl3d_jax.checkpoint import Checkpointer
+from ssl3d_jax.data import datasets, slices
 from ssl3d_jax.errors import CheckpointError
 from ssl3d_jax.train import common
 from ssl3d_jax.train import step as step_lib
@@ -25,8 +28,8 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def run(config, workdir: str, cases: list, *, mesh=None) -> str:
-    """Pretrain the encoder of `config.task` on `cases` (labels unused).
+def run(config, workdir: str, dataset, cases: list, *, mesh=None) -> str:
+    """Pretrain the encoder of `config.task` on `cases` of `dataset` (labels unused).
 
     Returns:
       the absolute checkpoint folder.
@@ -35,10 +38,10 @@ def run(config, workdir: str, cases: list, *, mesh=None) -> str:
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_batch_size(cfg.batch_size, mesh, "config.pretrain.batch_size")
     common.log_devices(mesh)
-    in_channels = len(config.data.modalities)
+    in_channels = dataset.in_channels
     task = tasks.get_task(config, in_channels=in_channels)
     ckpt_dir = checkpoint_dir(workdir)
-    meta = common.run_meta(config, phase="pretrain")
+    meta = common.run_meta(config, dataset, phase="pretrain")
     meta["task_input"] = task.input_spec
 
     with Checkpointer(ckpt_dir, max_to_keep=cfg.keep_checkpoints) as ckpt:
@@ -59,7 +62,7 @@ def run(config, workdir: str, cases: list, *, mesh=None) -> str:
         tx = optax.adam(cfg.learning_rate)
         state = step_lib.create_train_state(tx, params, key_run, mesh)
         batches = common.train_iterator(
-            config, cases, batch_size=cfg.batch_size, with_label=False, seed=config.seed
+            config, dataset, cases, batch_size=cfg.batch_size, with_label=False, seed=config.seed
         )
         if latest is not None:
             log.info("Resuming pretraining from step %d in %s", latest, ckpt_dir)
@@ -69,6 +72,7 @@ def run(config, workdir: str, cases: list, *, mesh=None) -> str:
             return task.loss(model, batch["image"], key)
 
         train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, loss_fn, tx), mesh)
+        knn = knn_probe(config, dataset, cases, graphdef)
         common.fit(
             phase="pretrain",
             state=state,
@@ -80,5 +84,58 @@ def run(config, workdir: str, cases: list, *, mesh=None) -> str:
             ckpt=ckpt,
             meta=meta,
             mesh=mesh,
+            probes=() if knn is None else (("knn", cfg.knn_every, knn),),
         )
     return ckpt_dir
+
+
+def knn_probe(config, dataset, cases, graphdef):
+    """`state -> {'knn_accuracy', 'knn_balanced_accuracy'}`, or None when disabled / no labels.
+
+    An online signal of what the encoder learns, from labelled training cases only (never the
+    test cases): segmentation data gives patches of half the input size labelled by whether they
+    hold any foreground (tumour) voxel; classification data gives the images and their grades.
+    The first half of the cases is the memory bank, the second half the queries.
+    """
+    cfg = config.pretrain
+    n = min(cfg.knn_cases, len(cases))
+    if not cfg.knn_every or n < 2 or dataset.kind not in ("segmentation", "classification"):
+        return None
+    chosen = sorted(cases, key=lambda c: c.name)[:n]
+    dims = config.data.spatial_dims
+    if dataset.kind == "classification":
+        source = datasets.ImageSource(dataset, chosen, size=config.data.size, with_label=True)
+        recs = [source[i] for i in range(len(source))]
+        x = np.stack([r["image"] for r in recs])
+        y = np.array([r["target"] for r in recs], np.int32)
+        num_classes = dataset.num_classes
+    else:
+        if config.data.resize_mode == "none":
+            log.info("kNN probe off: resize_mode 'none' gives volumes of different shapes")
+            return None
+        source = common.preprocessed_source(config, dataset, chosen, with_label=True)
+        recs = [source[i] for i in range(len(source))]
+        vols = np.stack([np.asarray(r["image"]) for r in recs])
+        labels = np.stack([np.asarray(r["label"]) for r in recs])
+        if dims == 2:  # the central axial slice of every volume
+            z = vols.shape[1 + slices.AXIAL_AXIS] // 2
+            vols = np.take(vols, z, axis=1 + slices.AXIAL_AXIS)
+            labels = np.take(labels, z, axis=1 + slices.AXIAL_AXIS)
+        x, y = probes.patch_presence_dataset(vols, labels, patch=max(config.data.size // 2, 4))
+        num_classes = 2
+    half = len(x) // 2
+    probe = probes.KnnProbe(
+        x[:half], y[:half], x[half:], y[half:], num_classes=num_classes, k=cfg.knn_k
+    )
+    log.info(
+        "kNN probe every %d steps: %d bank / %d query samples from %d training cases",
+        cfg.knn_every,
+        half,
+        len(x) - half,
+        n,
+    )
+
+    def run(state):
+        return probe(nnx.merge(graphdef, state.params).encoder)
+
+    return run
