@@ -241,3 +241,20 @@ def test_accuracy():
     assert metrics.accuracy(np.array([[1, 2]]), np.array([1, 2])) == 1.0
     with pytest.raises(ValueError, match="labels"):
         metrics.accuracy([0, 1], [0])
+
+
+def test_cross_entropy_equals_optax_integer_label_form():
+    import jax
+    import optax
+
+    from ssl3d_jax import losses
+
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 6, 4, 3)) * 3.0
+    labels = jax.random.randint(jax.random.key(1), (2, 5, 6, 4), 0, 3)
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    np.testing.assert_allclose(losses.cross_entropy(logits, labels), want, rtol=1e-6)
+    g = jax.grad(losses.cross_entropy)(logits, labels)
+    g_want = jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels).mean())(
+        logits
+    )
+    np.testing.assert_allclose(g, g_want, rtol=1e-5, atol=1e-8)

@@ -357,6 +357,6 @@ def test_configs():
     assert paper_2d.pretrain.batch_size == 32 and paper_2d.pretrain.learning_rate == 1e-5
     for arg in ("", "smoke", "2d", "smoke,2d"):
         config = rotation_config.get_config(arg)
-        task = rotation.make_task(config, in_channels=len(config.data.modalities))
+        task = rotation.make_task(config, in_channels=4)
         assert task.input_spec["size"] == config.data.size
         assert task.input_spec["spatial_dims"] == config.data.spatial_dims

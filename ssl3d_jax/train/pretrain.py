@@ -121,12 +121,20 @@ def knn_probe(config, dataset, cases, graphdef):
             z = vols.shape[1 + slices.AXIAL_AXIS] // 2
             vols = np.take(vols, z, axis=1 + slices.AXIAL_AXIS)
             labels = np.take(labels, z, axis=1 + slices.AXIAL_AXIS)
-        x, y = probes.patch_presence_dataset(vols, labels, patch=max(config.data.size // 2, 4))
-        num_classes = 2
-    half = len(x) // 2
-    probe = probes.KnnProbe(
-        x[:half], y[:half], x[half:], y[half:], num_classes=num_classes, k=cfg.knn_k
-    )
+        patch = max(config.data.size // 2, 4)
+        sets = [
+            _balanced(*probes.patch_presence_dataset(v, lab, patch=patch, stride=patch // 2))
+            for v, lab in ((vols[: n // 2], labels[: n // 2]), (vols[n // 2 :], labels[n // 2 :]))
+        ]
+        (bank_x, bank_y), (query_x, query_y) = sets
+        probe = probes.KnnProbe(bank_x, bank_y, query_x, query_y, num_classes=2, k=cfg.knn_k)
+        x = np.concatenate([bank_x, query_x])
+        half = len(bank_x)
+    if dataset.kind == "classification":
+        half = len(x) // 2
+        probe = probes.KnnProbe(
+            x[:half], y[:half], x[half:], y[half:], num_classes=num_classes, k=cfg.knn_k
+        )
     log.info(
         "kNN probe every %d steps: %d bank / %d query samples from %d training cases",
         cfg.knn_every,
@@ -139,3 +147,16 @@ def knn_probe(config, dataset, cases, graphdef):
         return probe(nnx.merge(graphdef, state.params).encoder)
 
     return run
+
+
+def _balanced(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """All patches with foreground and as many without, drawn with a fixed seed: tumours fill a
+    few percent of a scan, and an unbalanced set scores the majority vote, not the features."""
+    pos = np.flatnonzero(y == 1)
+    neg = np.flatnonzero(y == 0)
+    if len(pos) == 0 or len(neg) <= len(pos):
+        return x, y
+    keep = np.sort(
+        np.concatenate([pos, np.random.default_rng(seed).choice(neg, len(pos), replace=False)])
+    )
+    return x[keep], y[keep]

@@ -1,0 +1,104 @@
+"""The main command on generated data in every labelled layout other than BraTS (which
+tests/test_launch.py covers): Decathlon CT (Task07 Pancreas), Decathlon 4D MRI (Task01
+BrainTumour), and a 2D image folder with a CSV of grades."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from launch_util import run_main as _run
+
+from ssl3d_jax.data import synthetic
+
+ARMS = "--config.finetune.arms=('pretrained','scratch','probe')"
+
+
+def _main(tmp_path, config: str, root, *extra: str):
+    """`launch/main.py --config=<config> --config.data.root=<root> ...` in `tmp_path/work`."""
+    workdir = tmp_path / "work"
+    args = [f"--config={config}", f"--config.data.root={root}", f"--workdir={workdir}", *extra]
+    proc = _run(args, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir, proc
+
+
+def _results(workdir):
+    return json.loads((workdir / "results.json").read_text())
+
+
+def _check_predictions(arm: dict, data_root, test_cases, *, spatial_of) -> None:
+    for case in test_cases:
+        pred = nib.load(f"{arm['predictions']}/{case}_pred.nii.gz")
+        ref = nib.load(spatial_of(data_root, case))
+        assert pred.shape == ref.shape[:3]
+        np.testing.assert_array_equal(pred.affine, ref.affine)
+
+
+def test_decathlon_pancreas_ct_all_arms(tmp_path):
+    root = synthetic.write_decathlon_pancreas(tmp_path / "Task07_Pancreas", num_cases=6)
+    workdir, proc = _main(tmp_path, "configs/rpl.py:smoke", root, ARMS)
+    assert "decathlon layout" in proc.stderr
+    results = _results(workdir)
+    assert set(results["arms"]) == {"pretrained", "scratch", "probe"}
+    for arm in results["arms"].values():
+        # dataset.json's label names are the regions; background never scored.
+        assert set(arm["metrics"]) == {"pancreas", "cancer"}
+        _check_predictions(
+            arm,
+            root,
+            results["splits"]["test"],
+            spatial_of=lambda r, c: r / "labelsTr" / f"{c}.nii.gz",
+        )
+    assert results["arms"]["probe"]["restored_tensors"] > 0
+    # The checkpoint describes a 1-channel CT input with its HU window.
+    from ssl3d_jax.checkpoint import Checkpointer
+
+    with Checkpointer(workdir / "checkpoints", create=False) as ckpt:
+        spec = ckpt.read_meta()["input"]
+    assert spec["in_channels"] == 1 and spec["modality"] == "ct"
+    assert spec["ct_window"] == [-100.0, 240.0]
+
+
+def test_decathlon_brain_4d_scratch(tmp_path):
+    root = synthetic.write_decathlon_brain(tmp_path / "Task01_BrainTumour", num_cases=5)
+    workdir, _ = _main(
+        tmp_path,
+        "configs/rpl.py:smoke",
+        root,
+        "--config.mode=finetune",
+        "--config.finetune.arms=('scratch',)",
+        "--config.finetune.hd95=True",
+    )
+    arm = _results(workdir)["arms"]["scratch"]
+    labels = json.loads((root / "dataset.json").read_text())["labels"]
+    regions = {v for k, v in labels.items() if k != "0"}
+    assert set(arm["metrics"]) == regions | {f"HD95 {r}" for r in regions}
+    for scores in arm["dice_per_case"].values():
+        for r in regions:  # mm; NaN only where exactly one of prediction and truth is empty
+            hd = scores[f"HD95 {r}"]
+            assert hd != hd or hd >= 0.0
+    # Predictions of a 4D (modalities on the last axis) scan are 3D label maps on its grid.
+    _check_predictions(
+        arm,
+        root,
+        _results(workdir)["splits"]["test"],
+        spatial_of=lambda r, c: r / "imagesTr" / f"{c}.nii.gz",
+    )
+
+
+def test_image_folder_classification_all_arms(tmp_path):
+    root = synthetic.write_image_folder(tmp_path / "fundus", num_images=12)
+    workdir, proc = _main(
+        tmp_path, "configs/rotation.py:smoke,2d", root, "--config.data.num_test=4", ARMS
+    )
+    assert "images layout" in proc.stderr
+    results = _results(workdir)
+    for arm in results["arms"].values():
+        assert set(arm["metrics"]) == {"accuracy", "qwk"}
+        preds = arm["per_case"]
+        assert len(preds) == 4
+        acc = np.mean([p["pred"] == p["target"] for p in preds.values()])
+        assert arm["metrics"]["accuracy"] == pytest.approx(acc)
