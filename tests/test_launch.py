@@ -102,3 +102,29 @@ def test_checkpoint_describes_itself(smoke_run):
     # The full config, and the task's own input description (patch grid).
     assert meta["config"]["rpl"]["patches_per_side"] == 3
     assert meta["task_input"]
+
+
+def test_preprocess_command_fills_the_cache_once(tmp_path):
+    cache = tmp_path / "cache"
+    base = ["--config=configs/rpl.py:smoke", f"--workdir={tmp_path / 'work'}"]
+    proc = _run([*base, "--config.mode=preprocess"], cache)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Preprocessing 6 of 6 cases" in proc.stderr
+    (folder,) = (cache / "preprocessed").iterdir()
+    assert len(list(folder.glob("*.image.npy"))) == len(list(folder.glob("*.label.npy"))) == 6
+    settings = json.loads((folder / "settings.json").read_text())["settings"]
+    assert settings["size"] == 24 and settings["normalization"] == "zscore"
+    # Training with the same settings reads the cache: nothing is preprocessed again.
+    proc = _run(
+        [*base, "--config.mode=pretrain", "--config.pretrain.num_steps=1"],
+        cache,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Preprocessing" not in proc.stderr
+    # Another setting is another cache key: preprocessed anew, the first cache left as it was.
+    before = sorted(p.name for p in folder.iterdir())
+    proc = _run([*base, "--config.mode=preprocess", "--config.data.normalization=minmax"], cache)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Preprocessing 6 of 6 cases" in proc.stderr
+    assert len(list((cache / "preprocessed").iterdir())) == 2
+    assert sorted(p.name for p in folder.iterdir()) == before
