@@ -70,7 +70,7 @@ def run_experiment(config, workdir: str, *, dataset=None, arms=None, mesh=None) 
     init_from = config.finetune.init_from
     if needs_encoder and not init_from:
         init_from = pretrain.run(
-            config, workdir, dataset, data_lib.select(dataset.cases, base["train"]), mesh=mesh
+            config, workdir, dataset, data_lib.pretraining_cases(dataset, base), mesh=mesh
         )
 
     rows = []

@@ -66,8 +66,9 @@ def run(config, workdir: str) -> dict | list | None:
     mesh = parallel.make_mesh()
 
     if config.mode in ("pretrain_finetune", "pretrain"):
-        train = data_lib.select(dataset.cases, splits["train"])
-        pretrain.run(config, workdir, dataset, train, mesh=mesh)
+        pretrain.run(
+            config, workdir, dataset, data_lib.pretraining_cases(dataset, splits), mesh=mesh
+        )
     if config.mode == "pretrain":
         return None
 

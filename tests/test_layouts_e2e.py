@@ -102,3 +102,28 @@ def test_image_folder_classification_all_arms(tmp_path):
         assert len(preds) == 4
         acc = np.mean([p["pred"] == p["target"] for p in preds.values()])
         assert arm["metrics"]["accuracy"] == pytest.approx(acc)
+
+
+def test_unlabelled_nifti_folder_pretrains_and_refuses_finetuning(tmp_path):
+    files = synthetic.write_nifti_folder(tmp_path / "scans", num_files=4)
+    root = tmp_path / "scans"
+    workdir, proc = _main(tmp_path, "configs/rotation.py:smoke", root, "--config.mode=pretrain")
+    assert "nifti layout" in proc.stderr
+    # Every scan (mixed shapes, .nii and .nii.gz, in sub-folders) is preprocessed and pretrained on.
+    assert f"Preprocessing {len(files)} of {len(files)} cases" in proc.stderr
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in records} == {"pretrain"}  # no labels: no kNN probe
+    from ssl3d_jax.checkpoint import Checkpointer
+
+    with Checkpointer(workdir / "checkpoints", create=False) as ckpt:
+        assert ckpt.read_meta()["input"]["in_channels"] == 1
+    proc = _run(
+        [
+            "--config=configs/rotation.py:smoke",
+            f"--config.data.root={root}",
+            f"--workdir={workdir}",
+        ],
+        tmp_path / "cache",
+    )
+    assert proc.returncode == 1
+    assert "has no labels" in proc.stderr and "config.mode='pretrain'" in proc.stderr

@@ -51,7 +51,8 @@ def preprocessed_source(config, dataset, cases, *, with_label: bool, progress: b
     mtime), so one cache serves pretraining, finetuning and evaluation, and a changed setting or
     file never reuses stale arrays.
     """
-    labelled = dataset.kind == "segmentation"
+    # Decathlon test scans (dataset.unlabelled_cases) pretrain without labels.
+    labelled = dataset.kind == "segmentation" and all(c.label is not None for c in cases)
     volumes = datasets.VolumeSource(dataset, cases, with_label=labelled)
     prep = make_preprocess(config, dataset, keep_geometry=True)
     root = cache_root(config)
@@ -68,7 +69,8 @@ def preprocessed_source(config, dataset, cases, *, with_label: bool, progress: b
     }
     files = [p for c in dataset.cases for p in (*c.images, *([c.label] if c.label else []))]
     key = cache.cache_key(info, prep.settings(), files)
-    names = [c.name for c in cases]
+    # Case names of a NIfTI folder are relative paths ('sub/scan_001'); cache files are flat.
+    names = [c.name.replace(os.sep, "__").replace("/", "__") for c in cases]
     folder = cache.build_cache(volumes, prep, root, key=key, names=names, progress=progress)
     return cache.CachedArraysSource(folder, names, with_label=with_label and labelled)
 

@@ -43,8 +43,19 @@ def open_dataset(config):
 
 
 def base_split(config, dataset) -> dict:
-    """Test / train / labelled split of `dataset` from `config.seed` (see `make_splits`)."""
+    """Test / train / labelled split of `dataset` from `config.seed` (see `make_splits`).
+
+    An unlabelled dataset (a folder of NIfTI scans) only pretrains: every scan is 'train'.
+    """
     names = [c.name for c in dataset.cases]
+    if dataset.kind == "unlabelled":
+        if config.mode != "pretrain":
+            raise ConfigError(
+                f"{dataset.root}: {dataset.layout} data has no labels, so config.mode="
+                f"{config.mode!r} cannot finetune on it; use config.mode='pretrain' here and "
+                "finetune on a labelled dataset with config.finetune.init_from"
+            )
+        return {"test": [], "train": sorted(names), "labeled": []}
     num_labeled = config.finetune.num_labeled
     if config.mode in ("experiment", "sweep"):
         num_labeled = -1  # the labelled sets come from config.experiment.fractions
@@ -153,3 +164,9 @@ def load_or_write_split(splits_dir: str, split: dict) -> dict:
         return saved
     write_json(path, split)
     return split
+
+
+def pretraining_cases(dataset, split: dict) -> list:
+    """The training cases of `split`, plus the dataset's unlabelled cases (e.g. Decathlon test
+    scans): self-supervised pretraining needs no labels, and never sees a test case."""
+    return select(dataset.cases, split["train"]) + list(dataset.unlabelled_cases)

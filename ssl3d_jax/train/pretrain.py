@@ -98,10 +98,11 @@ def knn_probe(config, dataset, cases, graphdef):
     The first half of the cases is the memory bank, the second half the queries.
     """
     cfg = config.pretrain
-    n = min(cfg.knn_cases, len(cases))
+    labelled = [c for c in cases if c.label is not None or c.target is not None]
+    n = min(cfg.knn_cases, len(labelled))
     if not cfg.knn_every or n < 2 or dataset.kind not in ("segmentation", "classification"):
         return None
-    chosen = sorted(cases, key=lambda c: c.name)[:n]
+    chosen = sorted(labelled, key=lambda c: c.name)[:n]
     dims = config.data.spatial_dims
     if dataset.kind == "classification":
         source = datasets.ImageSource(dataset, chosen, size=config.data.size, with_label=True)
