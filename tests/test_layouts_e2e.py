@@ -19,7 +19,8 @@ ARMS = "--config.finetune.arms=('pretrained','scratch','probe')"
 def _main(tmp_path, config: str, root, *extra: str):
     """`launch/main.py --config=<config> --config.data.root=<root> ...` in `tmp_path/work`."""
     workdir = tmp_path / "work"
-    args = [f"--config={config}", f"--config.data.root={root}", f"--workdir={workdir}", *extra]
+    data = [f"--config.data.root={root}"] if root else []  # None: the built-in phantom
+    args = [f"--config={config}", *data, f"--workdir={workdir}", *extra]
     proc = _run(args, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir, proc
@@ -127,3 +128,27 @@ def test_unlabelled_nifti_folder_pretrains_and_refuses_finetuning(tmp_path):
     )
     assert proc.returncode == 1
     assert "has no labels" in proc.stderr and "config.mode='pretrain'" in proc.stderr
+
+
+def test_random_crops_and_sliding_window_evaluation(tmp_path):
+    """resize_mode='none': pretraining and finetuning on random 24³ crops of the (larger)
+    preprocessed scans, evaluation by sliding windows, predictions back in each scan's grid."""
+    workdir, proc = _main(
+        tmp_path,
+        "configs/rpl.py:smoke",
+        None,
+        "--config.data.resize_mode=none",
+        "--config.finetune.arms=('pretrained',)",
+    )
+    assert "Evaluating with sliding windows of 24³" in proc.stderr
+    results = _results(workdir)
+    arm = results["arms"]["pretrained"]
+    assert arm["restored_tensors"] > 0
+    _check_predictions(
+        arm,
+        None,
+        results["splits"]["test"],
+        spatial_of=lambda _, c: next(
+            (tmp_path / "cache").glob(f"brats_phantom*/{c}/{c}_seg.nii.gz")
+        ),
+    )

@@ -102,9 +102,15 @@ def make_train_dataset(
     if transform is not None and cache_bytes > 0:
         source, transform = CachedSource(source, transform, cache_bytes=cache_bytes), None
     ds = grain.MapDataset.source(source).seed(seed).shuffle()
-    if transform is not None:
-        ds = ds.map(transform)
-    ds = ds.repeat().batch(batch_size, drop_remainder=True)
+    if isinstance(transform, grain.transforms.RandomMap):
+        # Random per record (e.g. random crops), reproducibly: grain derives each record's
+        # generator from the dataset seed and the record's position in the stream.
+        ds = ds.repeat().random_map(transform)
+    elif transform is not None:
+        ds = ds.map(transform).repeat()
+    else:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=True)
     # Slicing a MapDataset shards deterministically; it must happen before to_iter_dataset.
     ds = ds[shard_index::shard_count]
     it = ds.to_iter_dataset(

@@ -288,6 +288,13 @@ def evaluate(config, dataset, graphdef, params, cases, *, out_dir: str | None = 
     for i, case in enumerate(cases):
         raw = source[i]
         rec = prep.map(raw)
+        if i == 0 and config.data.spatial_dims == 3 and rec["image"].shape[0] != config.data.size:
+            log.info(
+                "Evaluating with sliding windows of %d³ (overlap %.2f) over volumes such as %s",
+                config.data.size,
+                config.finetune.sliding_window_overlap,
+                tuple(rec["image"].shape[:3]),
+            )
         pred = export.to_native(
             predict_volume(config, predict, params, rec["image"]), rec["geometry"]
         )
