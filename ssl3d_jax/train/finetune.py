@@ -157,7 +157,7 @@ def run(
         enc, restored = restore_encoder(init_from, jax.device_get(params["encoder"]))
         params = dict(params, encoder=jax.device_put(enc, parallel.replicated(mesh)))
 
-    tx = optax.adam(cfg.learning_rate)
+    tx = optax.adam(cfg.probe_learning_rate if arm == "probe" else cfg.learning_rate)
     state = step_lib.create_train_state(tx, params, key_run, mesh)
     loss_fn = functools.partial(
         segmentation_loss,
