@@ -288,7 +288,8 @@ def evaluate(config, dataset, graphdef, params, cases, *, out_dir: str | None = 
     for i, case in enumerate(cases):
         raw = source[i]
         rec = prep.map(raw)
-        if i == 0 and config.data.spatial_dims == 3 and rec["image"].shape[0] != config.data.size:
+        cube = (config.data.size,) * 3
+        if i == 0 and config.data.spatial_dims == 3 and tuple(rec["image"].shape[:3]) != cube:
             log.info(
                 "Evaluating with sliding windows of %d³ (overlap %.2f) over volumes such as %s",
                 config.data.size,
