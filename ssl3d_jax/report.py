@@ -18,14 +18,14 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
+
+from ssl3d_jax.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -82,26 +82,6 @@ def lower_is_better(metric: str) -> bool:
     return str(metric).lower().endswith(LOWER_IS_BETTER_SUFFIXES)
 
 
-def _atomic_write(path, write_fn, *, binary: bool = False) -> pathlib.Path:
-    """Call `write_fn(file_object)` on a temporary file next to `path`, then rename it."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        if binary:
-            with os.fdopen(fd, "wb") as f:
-                write_fn(f)
-        else:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-                write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 # ------------------------------------------------------------------------------------------------
 # results.csv
 
@@ -143,7 +123,7 @@ def write_results_csv(rows: Sequence[Mapping], path) -> pathlib.Path:
                 line.append("" if value is None else repr(float(value)))
             w.writerow(line)
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def read_results_csv(path) -> list[dict]:
@@ -340,7 +320,7 @@ def write_results_md(
       `path` as a `pathlib.Path`.
     """
     text = results_markdown(rows, title=title, notes=notes, metrics=metrics)
-    return _atomic_write(path, lambda f: f.write(text))
+    return atomic_write(path, lambda f: f.write(text))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,7 +406,7 @@ def plot_results(rows: Sequence[Mapping], path, *, metric: str, title: str) -> p
         else:
             ax.legend(loc="best")
     fig.tight_layout()
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import logging
 import os
 import pathlib
 import re
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -26,6 +25,7 @@ import grain
 import numpy as np
 
 from ssl3d_jax.errors import DataError
+from ssl3d_jax.fileio import atomic_write
 from ssl3d_jax.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -77,28 +77,14 @@ def cache_key(
     return hashlib.sha256(blob).hexdigest()
 
 
-def _write_atomic(path: pathlib.Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _save_npy(path: pathlib.Path, arr: np.ndarray) -> None:
-    _write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(arr), allow_pickle=False))
+    arr = np.ascontiguousarray(arr)
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False), binary=True, fsync=True)
 
 
 def _save_json(path: pathlib.Path, obj: Any) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+    text = json.dumps(obj, indent=1, sort_keys=True)
+    atomic_write(path, lambda f: f.write(text), fsync=True)
 
 
 def _remove_stale_tmp(folder: pathlib.Path) -> None:

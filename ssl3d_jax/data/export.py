@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import nibabel as nib
@@ -21,6 +20,7 @@ from nibabel import orientations
 
 from ssl3d_jax.data.preprocess import resample, resample_image
 from ssl3d_jax.errors import DataError
+from ssl3d_jax.fileio import atomic_path
 
 
 def _undo_spatial(arr: np.ndarray, shape: Sequence[int], *, labels: bool) -> np.ndarray:
@@ -163,17 +163,7 @@ def save_prediction(
     img.header["cal_min"] = 0
     img.header["cal_max"] = float(lut.max()) if lut.size else 0.0
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if out_path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=suffix, dir=out_path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out_path, suffix=suffix) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return out_path

@@ -8,13 +8,13 @@ from __future__ import annotations
 import gzip
 import os
 import pathlib
-import tempfile
 import zlib
 
 import nibabel as nib
 import numpy as np
 
 from ssl3d_jax.errors import DataError
+from ssl3d_jax.fileio import atomic_path
 
 # Everything a missing, corrupt or truncated (.nii or .nii.gz) file has been seen to raise from
 # nibabel's header parse or its lazy data read.
@@ -82,19 +82,9 @@ def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -
     writer never leaves a truncated file under the final name.
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # nibabel picks gzip from the suffix, so the temp name must keep it.
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=suffix) as tmp:
         img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
         img.header.set_xyzt_units("mm", "sec")
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -45,13 +45,12 @@ import optax
 from flax import nnx
 
 from ssl3d_jax import losses, metrics, parallel
-from ssl3d_jax.checkpoint import Checkpointer, restore_encoder
+from ssl3d_jax.checkpoint import restore_encoder
 from ssl3d_jax.data import datasets
 from ssl3d_jax.errors import CheckpointError, ConfigError, DataError
 from ssl3d_jax.models.classifier import ClassificationModel
 from ssl3d_jax.tasks import encoder_config
 from ssl3d_jax.train import common, finetune
-from ssl3d_jax.train import data as data_lib
 from ssl3d_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -235,26 +234,19 @@ def run(
     meta["arm"] = arm
     meta["class_names"] = list(dataset.class_names)
     meta["restored"] = restored
-    os.makedirs(arm_dir, exist_ok=True)
-    if restored is not None:
-        data_lib.write_json(os.path.join(arm_dir, "restored_params.json"), restored)
-    with Checkpointer(os.path.join(arm_dir, "checkpoints"), max_to_keep=2) as ckpt:
-        latest = ckpt.latest_step()
-        if latest is not None:
-            log.info("Resuming %s from step %d", phase, latest)
-            state = ckpt.restore(latest, common.abstract_like(state), data_iter=batches)
-        state = common.fit(
-            phase=phase,
-            state=state,
-            step_fn=step_fn,
-            batches=batches,
-            keys=("image", "target"),
-            cfg=cfg,
-            workdir=workdir,
-            ckpt=ckpt,
-            meta=meta,
-            mesh=mesh,
-        )
+    state = common.fit_arm(
+        phase=phase,
+        arm_dir=arm_dir,
+        state=state,
+        restored=restored,
+        step_fn=step_fn,
+        batches=batches,
+        keys=("image", "target"),
+        cfg=cfg,
+        workdir=workdir,
+        meta=meta,
+        mesh=mesh,
+    )
 
     per_case = evaluate(config, graphdef, state.params, dataset, test)
     y_true = [p["target"] for p in per_case.values()]

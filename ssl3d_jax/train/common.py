@@ -12,9 +12,11 @@ import orbax.checkpoint as ocp
 
 import ssl3d_jax
 from ssl3d_jax import parallel
+from ssl3d_jax.checkpoint import Checkpointer
 from ssl3d_jax.data import cache, datasets, pipeline, preprocess, slices
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.train import loop
+from ssl3d_jax.train.data import write_json
 
 log = logging.getLogger(__name__)
 
@@ -225,3 +227,20 @@ def fit(
         close = getattr(batches, "close", None)
         if close is not None:
             close()
+
+
+def fit_arm(*, phase: str, arm_dir: str, state, restored: dict | None, **fit_kwargs):
+    """Train one finetuning arm in `arm_dir`: the list of restored encoder tensors next to its
+    checkpoints, resume from the arm's latest checkpoint (state and data position), then `fit`.
+
+    `fit_kwargs`: `fit`'s remaining arguments (step_fn, batches, keys, cfg, workdir, meta, mesh).
+    """
+    os.makedirs(arm_dir, exist_ok=True)
+    if restored is not None:
+        write_json(os.path.join(arm_dir, "restored_params.json"), restored)
+    with Checkpointer(os.path.join(arm_dir, "checkpoints"), max_to_keep=2) as ckpt:
+        latest = ckpt.latest_step()
+        if latest is not None:
+            log.info("Resuming %s from step %d", phase, latest)
+            state = ckpt.restore(latest, abstract_like(state), data_iter=fit_kwargs["batches"])
+        return fit(phase=phase, state=state, ckpt=ckpt, **fit_kwargs)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ssl3d_jax.data import datasets, phantom
 from ssl3d_jax.errors import ConfigError
+from ssl3d_jax.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,7 @@ def make_splits(names: list[str], *, num_test: int, num_labeled: int, seed: int)
 
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write JSON atomically: a reader never sees a half-written file."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
 def select(cases: list, names: list[str]) -> list:

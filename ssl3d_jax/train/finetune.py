@@ -184,26 +184,19 @@ def run(
     )
     meta = common.run_meta(config, dataset, phase=phase)
     meta["restored"] = restored
-    os.makedirs(arm_dir, exist_ok=True)
-    if restored is not None:  # the full list of loaded tensors, next to the arm's checkpoints
-        data_lib.write_json(os.path.join(arm_dir, "restored_params.json"), restored)
-    with Checkpointer(os.path.join(arm_dir, "checkpoints"), max_to_keep=2) as ckpt:
-        latest = ckpt.latest_step()
-        if latest is not None:
-            log.info("Resuming %s from step %d", phase, latest)
-            state = ckpt.restore(latest, common.abstract_like(state), data_iter=batches)
-        state = common.fit(
-            phase=phase,
-            state=state,
-            step_fn=step_fn,
-            batches=batches,
-            keys=("image", "label"),
-            cfg=cfg,
-            workdir=workdir,
-            ckpt=ckpt,
-            meta=meta,
-            mesh=mesh,
-        )
+    state = common.fit_arm(
+        phase=phase,
+        arm_dir=arm_dir,
+        state=state,
+        restored=restored,
+        step_fn=step_fn,
+        batches=batches,
+        keys=("image", "label"),
+        cfg=cfg,
+        workdir=workdir,
+        meta=meta,
+        mesh=mesh,
+    )
 
     test = data_lib.select(dataset.cases, splits["test"])
     out_dir = os.path.join(arm_dir, "predictions") if cfg.save_predictions else None
