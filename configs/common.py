@@ -55,6 +55,18 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     # 'pretrain_finetune' runs everything; 'pretrain' and 'finetune' run one half.
     c.mode = "pretrain_finetune"
 
+    # --- multi-host ---------------------------------------------------------------------------
+    c.distributed = ml_collections.ConfigDict()
+    # Call jax.distributed.initialize() before anything touches the devices: 'on', 'off', or
+    # 'auto' (when the environment names a coordinator: JAX_COORDINATOR_ADDRESS, or a cluster
+    # that JAX detects itself: SLURM, Open MPI, Cloud TPU pods with several hosts).
+    c.distributed.initialize = "auto"
+    c.distributed.coordinator_address = config_dict.placeholder(str)  # 'host:port'
+    c.distributed.num_processes = config_dict.placeholder(int)
+    c.distributed.process_id = config_dict.placeholder(int)
+    # CPU-only multi-process runs need a collectives backend for their all-reduces.
+    c.distributed.cpu_collectives = "gloo"
+
     # --- data -------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
     # Dataset folder. None: the built-in synthetic BraTS-layout phantom, generated once into a
@@ -109,12 +121,25 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     # width: with 5³ patches the bottom is 1³, and a group of one channel normalises to 0.
     c.model.num_groups = 1 if size == "smoke" else 8
     c.model.dropout_rate = 0.0  # the original used 0.5 in every block
+    # 'bfloat16': convs and matmuls compute in bf16 (params, optimizer state and loss reductions
+    # stay float32); 'float32' everywhere else. bf16 halves activation memory on accelerators;
+    # XLA:CPU emulates it (converts around every conv), so keep float32 on CPU.
+    c.model.compute_dtype = "float32"
+    # Recompute each encoder / decoder block's activations in the backward pass instead of
+    # storing them (jax.checkpoint): ~1/3 more compute, much less memory, so that 128³ fits.
+    c.model.remat = False
 
     # --- pretraining ------------------------------------------------------------------------
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.batch_size = 8
     c.pretrain.num_steps = {"paper": 100_000, "default": 1000, "smoke": 4}[size]
     c.pretrain.learning_rate = 1e-4 if size == "paper" else 1e-3
+    # Gradient accumulation: each step averages the gradients of `grad_accum_steps` equal
+    # micro-batches of batch_size / grad_accum_steps, so the paper's batch sizes fit one device.
+    # Exact for losses that are means over samples (RPL, rotation, jigsaw); CPC and Exemplar draw
+    # their negatives from each micro-batch, so for them accumulation changes the task (a warning
+    # is logged). batch_size / grad_accum_steps must be a multiple of the device count.
+    c.pretrain.grad_accum_steps = 1
     c.pretrain.log_every = {"paper": 100, "default": 50, "smoke": 1}[size]
     c.pretrain.checkpoint_every = {"paper": 5000, "default": 250, "smoke": 2}[size]
     c.pretrain.keep_checkpoints = 3
@@ -140,6 +165,7 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     # Steps with the encoder frozen before it is trained too (the paper's warm-up).
     c.finetune.warmup_frozen_steps = {"paper": 1000, "default": 25, "smoke": 1}[size]
     c.finetune.learning_rate = 1e-3
+    c.finetune.grad_accum_steps = 1  # as config.pretrain.grad_accum_steps
     # The 'probe' arm trains only a linear read-out, which needs larger steps: on the default
     # phantom run (RPL encoder, 100 steps) 1e-3 left it predicting background (WT Dice 0.08),
     # 1e-2 gave 0.44 and 3e-2 0.41 with TC/ET 0.42/0.38 (test cases: tune it on a validation

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import sys
 
 # `python launch/main.py` puts launch/ first on sys.path, not the repository root.
@@ -68,6 +69,31 @@ def main(argv):
         sys.exit(1)
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, but a config key that does not exist is one line naming the flag.
+
+    ml_collections raises a bare AttributeError / KeyError for `--config.pretrain.num_stepz=3`,
+    which absl prints as a traceback; absl itself only reports its own `flags.Error` cleanly.
+    """
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        text = str(e)
+        hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+        key = hint.group(2) if hint else (re.findall(r"\w+", text) or ["?"])[0]
+        flag = next(
+            (
+                a.split("=", 1)[0]
+                for a in argv[1:]
+                if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")
+            ),
+            "--config",
+        )
+        advice = f"did you mean {hint.group(1)!r}?" if hint else "see configs/common.py."
+        print(f"error: {flag}: the config has no key {key!r}; {advice}", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

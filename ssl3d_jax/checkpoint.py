@@ -7,14 +7,20 @@ This is the only module that talks to orbax. A checkpoint step folder holds thre
   and the full config, so that a checkpoint explains itself;
 - `data`: the grain iterator position, so that a resumed run reads the batches it would have read.
 
-Orbax writes each step into a temporary folder and renames it when complete, so a crash during a
-save never leaves a half-written step that looks finished, and the earlier steps are untouched.
+Orbax writes each step into a temporary folder (`<step>.orbax-checkpoint-tmp-*`) and renames it
+when complete, so a crash during a save never leaves a half-written step that looks finished, and
+the earlier steps are untouched; leftover temporary folders are removed when a `Checkpointer`
+opens the folder. `restore_latest` falls back to the previous step when the newest one cannot be
+read (a truncated or deleted file), and renames the unreadable folder aside instead of deleting it.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import sys
+from typing import Callable
 
 import grain
 import jax
@@ -24,6 +30,9 @@ import orbax.checkpoint as ocp
 from ssl3d_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+# Suffix of a step folder that could not be restored: orbax only lists folders named by a number.
+UNREADABLE_SUFFIX = ".unreadable"
 
 
 def _handlers() -> dict:
@@ -39,7 +48,10 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, create: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))  # orbax refuses relative paths
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+        # Temporary folders are saves that a crash interrupted: never complete, safe to remove.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=create, cleanup_tmp_directories=create
+        )
         self._mngr = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=_handlers()
         )
@@ -76,10 +88,106 @@ class Checkpointer:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         return self._mngr.restore(step, args=ocp.args.Composite(**args))["state"]
 
+    def restore_latest(
+        self,
+        abstract_state,
+        data_iter=None,
+        *,
+        check_meta: Callable[[int, dict], None] | None = None,
+    ):
+        """Restore the newest readable step: state and (into `data_iter`) the iterator position.
+
+        A step whose files cannot be read (truncated, deleted, corrupt) is skipped with a warning
+        for an older one; once an older step restores, each skipped folder is renamed to
+        `<step>.unreadable` (kept for inspection, ignored by orbax, so that a later save of the
+        same step does not collide). Nothing is renamed when no step restores.
+
+        Args:
+          abstract_state: shape/dtype/sharding skeleton of the state (`common.abstract_like`).
+          data_iter: grain iterator whose position is restored, or None.
+          check_meta: `(step, meta) -> None`, may raise to refuse a checkpoint of another run
+            (e.g. another task); its errors propagate, they do not count as damage.
+
+        Returns:
+          (step, state), or (None, None) when the folder holds no checkpoint.
+
+        Raises:
+          CheckpointError: every step is unreadable (naming each folder and its error), or the
+            newest readable step holds parameters of other shapes than `abstract_state`.
+        """
+        failures: list[tuple[int, str]] = []  # (step, root cause of its read error)
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                meta = self.read_meta(step)
+                on_disk = _flatten(self.param_shapes(step))
+            except Exception as e:  # any read error means an unreadable step
+                failures.append((step, _short(e)))
+                continue
+            if check_meta is not None:
+                check_meta(step, meta)
+            self._check_fits(step, on_disk, abstract_state)
+            try:
+                state = self.restore(step, abstract_state, data_iter=data_iter)
+            except Exception as e:
+                failures.append((step, _short(e)))
+                _collect_quietly()
+                continue
+            for bad, err in failures:
+                self._set_aside(bad, err, fallback=step)
+            if jax.process_count() > 1:
+                # Unconditional: a process that listed the steps after process 0 renamed one
+                # has no failures of its own, yet must meet the others here.
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("ssl3d_jax_checkpoint_restore_latest")
+            if failures or jax.process_count() > 1:
+                self._mngr.reload()
+            return step, state
+        if failures:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} can be read: "
+                + "; ".join(f"{self._step_dir(s)}: {e}" for s, e in failures)
+                + " (move them aside to start over)"
+            )
+        return None, None
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _check_fits(self, step: int, on_disk: dict, abstract_state) -> None:
+        want = {k: tuple(v.shape) for k, v in _flatten(abstract_state.params).items()}
+        have = {k: tuple(v.shape) for k, v in on_disk.items()}
+        if want != have:
+            diff = sorted(set(want) ^ set(have)) or sorted(
+                k for k in want if want[k] != have.get(k)
+            )
+            raise CheckpointError(
+                f"checkpoint {self._step_dir(step)} holds parameters that do not fit this run's "
+                f"model (changed config? e.g. {diff[:4]}); use another --workdir"
+            )
+
+    def _set_aside(self, step: int, err: str, *, fallback: int) -> None:
+        src = self._step_dir(step)
+        dst = src + UNREADABLE_SUFFIX
+        n = 1
+        while os.path.exists(dst):
+            dst, n = f"{src}{UNREADABLE_SUFFIX}-{n}", n + 1
+        log.warning(
+            "Checkpoint %s is unreadable (%s); resuming from step %d instead, and moving it to %s",
+            src,
+            err,
+            fallback,
+            dst,
+        )
+        if jax.process_index() == 0:  # one shared folder: one process renames
+            os.rename(src, dst)
+
     def param_shapes(self, step: int) -> dict:
         """On-disk params as a nested dict of `jax.ShapeDtypeStruct`, read from metadata only."""
         metadata = self._mngr.item_metadata(step)["state"]
         tree = getattr(metadata, "tree", metadata)
+        if tree is None:
+            raise CheckpointError(f"{self._step_dir(step)}/state has no readable _METADATA")
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])
 
     def restore_params(self, step: int, abstract_params: dict) -> dict:
@@ -101,6 +209,30 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _collect_quietly() -> None:
+    """Collect the reads that a failed orbax restore left behind now, without the tracebacks
+    Python would print for each of them ('Exception ignored in: <coroutine ...>') whenever the
+    garbage collector next ran: the failure has been reported once, as a warning."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+def _short(err: Exception, limit: int = 300) -> str:
+    """The root cause of `err` on one line (orbax wraps tensorstore's 'OUT_OF_RANGE: Error
+    reading ... in local file ...' into a long generic message)."""
+    seen = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    root = seen[-1]
+    text = f"{type(root).__name__}: {root}".replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _flatten(tree: dict) -> dict[str, object]:

@@ -116,6 +116,8 @@ def _fmt(m: dict) -> str:
 
 def _write_report(rows, workdir, *, title, notes="") -> dict:
     metric_names = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
+    if not parallel.is_primary():  # every process has the rows; one writes them
+        return {}
     paths = report.write_report(rows, workdir, metrics=metric_names, title=title, notes=notes)
     log.info("Wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths

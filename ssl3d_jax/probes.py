@@ -252,7 +252,7 @@ class KnnProbe:
         self.with_skips = bool(with_skips)
         self.batch_size = int(batch_size)
         self.num_train, self.num_test = len(train_x), len(test_x)
-        self.device = jax.devices()[0] if device is None else device
+        self.device = jax.local_devices()[0] if device is None else device
         self.num_traces = 0
 
         x = np.concatenate([train_x, test_x])
@@ -287,7 +287,9 @@ class KnnProbe:
     def predict(self, encoder: nnx.Module) -> np.ndarray:
         """`[M]` int32 kNN predictions for the test samples."""
         graphdef, state = nnx.split(encoder)
-        state = jax.device_put(state, self.device)
+        from ssl3d_jax.parallel import local_copy
+
+        state = local_copy(state, self.device)
         return np.asarray(self._predict(graphdef, state, self._x, self._train_y))
 
     def __call__(self, encoder: nnx.Module) -> dict[str, float]:

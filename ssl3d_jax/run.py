@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from ssl3d_jax import experiment, parallel
+from ssl3d_jax import experiment, parallel, tasks
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.train import common, finetune, pretrain
 from ssl3d_jax.train import data as data_lib
@@ -29,6 +29,8 @@ def run(config, workdir: str) -> dict | list | None:
       the results dict when finetuning ran ('pretrain_finetune', 'finetune'); the result rows
       for 'experiment' and 'sweep'; None otherwise.
     """
+    # Before anything touches the devices: with several processes, JAX must know them all.
+    parallel.initialize_distributed(config.distributed)
     if config.mode not in MODES:
         raise ConfigError(f"config.mode={config.mode!r}: expected one of {MODES}")
     workdir = os.path.abspath(workdir)
@@ -50,12 +52,15 @@ def run(config, workdir: str) -> dict | list | None:
         return None
     if not config.task:
         raise ConfigError("config.task is empty: use a task config such as configs/rpl.py")
+    if config.mode in ("pretrain_finetune", "pretrain", "experiment"):
+        # A task that cannot run at config.data.size fails before the workdir is touched.
+        tasks.get_task(config, in_channels=dataset.in_channels)
     os.makedirs(workdir, exist_ok=True)
     if config.mode == "experiment":
         return experiment.run_experiment(config, workdir, dataset=dataset)
     t0 = time.time()
     splits = data_lib.base_split(config, dataset)
-    data_lib.write_json(os.path.join(workdir, "splits.json"), splits)
+    data_lib.write_json(os.path.join(workdir, "splits.json"), splits)  # process 0 only
     log.info(
         "%d cases: %d train (%d labelled for finetuning), %d test",
         len(dataset.cases),
@@ -86,8 +91,9 @@ def run(config, workdir: str) -> dict | list | None:
         )
     results["wall_time_s"] = time.time() - t0
     path = os.path.join(workdir, "results.json")
-    data_lib.write_json(path, results)
-    log.info("Wrote %s", path)
+    data_lib.write_json(path, results)  # process 0 only
+    if parallel.is_primary():
+        log.info("Wrote %s", path)
     for arm, r in results["arms"].items():
         log.info("  %-10s " + "  ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items()), arm)
     return results

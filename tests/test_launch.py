@@ -80,8 +80,12 @@ def test_mistyped_config_key_is_an_error(tmp_path):
         ["--config=configs/rpl.py:smoke", f"--workdir={tmp_path}", "--config.pretrain.num_stepz=3"],
         tmp_path / "cache",
     )
-    assert proc.returncode != 0
-    assert "num_stepz" in proc.stderr
+    assert proc.returncode == 1
+    assert (
+        "error: --config.pretrain.num_stepz: the config has no key 'num_stepz'; "
+        "did you mean 'num_steps'?" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -1,11 +1,16 @@
-"""The jitted train step: no retrace across steps, and 8 devices == 1 device on the same batch."""
+"""The jitted train step: no retrace across steps, a sharded batch and a replicated state, frozen
+parts untouched, and 8 devices == 1 device on the same global batch: the loss and every gradient
+of every pretext task (whole training steps across processes: tests/test_distributed.py)."""
 
 from __future__ import annotations
+
+import importlib
 
 import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from configs import rpl as rpl_config
 from ssl3d_jax import parallel, tasks
@@ -69,25 +74,84 @@ def test_batch_is_sharded_and_state_replicated(task, volumes):
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
 
 
-def test_eight_devices_equal_one_device(task, volumes):
-    # SGD, so that parameter differences are lr × gradient differences (Adam's first step is
-    # ~sign(g) and would amplify float noise on near-zero gradients).
-    tx = optax.sgd(0.1)
+# Every pretext task at its smoke size (3D; RPL also 2D). Batch 8 over 8 devices puts ONE volume
+# on each device: CPC's and Exemplar's negatives, which come from the other volumes of the batch,
+# then all live on other devices, so equality with one device shows that the loss is computed on
+# the global batch (per-device negatives would leave none at all).
+GRAD_CASES = [
+    ("rpl", "3d"),
+    ("rpl", "2d"),
+    ("rotation", "3d"),
+    ("jigsaw", "3d"),
+    ("cpc", "3d"),
+    ("exemplar", "3d"),
+]
+# Tolerances: the 8-device program computes the same float32 values but reduces them in another
+# order (per-device partial sums, then an all-reduce over devices), so results differ by a few
+# float32 ulps of the summed terms: ~1e-7 relative for the loss. Gradients are sums of many
+# products whose magnitudes span orders of magnitude; a relative test fails on entries that are
+# cancellations near zero, so each leaf gets an absolute floor of 1e-3 × its largest entry
+# (observed worst case 1e-4 on a CPC leaf; a batch that is not global differs by O(1)).
+LOSS_RTOL = 1e-5
+GRAD_RTOL, GRAD_ATOL_SCALE = 1e-4, 1e-3
+
+
+@pytest.mark.parametrize("name,dims", GRAD_CASES)
+def test_loss_and_gradients_equal_on_one_and_eight_devices(name, dims):
+    config = importlib.import_module(f"configs.{name}").get_config(f"smoke,{dims}")
+    batch_size = config.pretrain.batch_size
+    assert batch_size == len(jax.devices()) == 8
+    task = tasks.get_task(config, in_channels=IN_CHANNELS)
+    spatial = (config.data.size,) * int(dims[0])
+    rng = np.random.default_rng(1)
+    volumes = rng.normal(size=(batch_size, *spatial, IN_CHANNELS)).astype(np.float32)
+    graphdef, params = step_lib.init_params(task.build_model, jax.random.key(0))
+    # Heads start with a zero output layer (so no gradient reaches below it at step 0): move
+    # every parameter a little, as training would, so that every gradient is compared.
+    leaves, treedef = jax.tree.flatten(params)
+    noise = [rng.normal(scale=0.05, size=np.shape(x)).astype(np.float32) for x in leaves]
+    params = jax.tree.unflatten(treedef, [np.asarray(x) + n for x, n in zip(leaves, noise)])
+    key = jax.random.key(3)  # the task's sampling (patches, labels, augmentation) per step
+
+    def loss_and_grads(p, batch):
+        def objective(p):
+            return task.loss(nnx.merge(graphdef, p), batch["image"], key)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(p)
+        return loss, metrics, grads
+
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        mesh, state, step = _make(task, devices, tx)
+        mesh = parallel.make_mesh(devices)
         batch = parallel.put_batch({"image": volumes}, parallel.data_sharded(mesh))
-        state, m1 = step(state, batch)
-        state, m2 = step(state, batch)
-        results.append(jax.device_get((m1, m2, state.params)))
-    (a1, a2, pa), (b1, b2, pb) = results
-    assert len(jax.devices()) == 8
-    for ma, mb in ((a1, b1), (a2, b2)):
-        for k in ma:
-            np.testing.assert_allclose(ma[k], mb[k], rtol=2e-5, atol=1e-6, err_msg=k)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), pa, pb)
-    # The step did learn something: the loss changed between the two steps.
-    assert abs(float(a1["loss"]) - float(a2["loss"])) > 1e-6
+        assert len(batch["image"].sharding.device_set) == len(devices)
+        fn = jax.jit(loss_and_grads, out_shardings=parallel.replicated(mesh))
+        results.append(jax.device_get(fn(parallel.replicate(params, mesh), batch)))
+    (loss1, metrics1, grads1), (loss8, metrics8, grads8) = results
+    np.testing.assert_allclose(loss8, loss1, rtol=LOSS_RTOL)
+    for k in metrics1:
+        np.testing.assert_allclose(metrics8[k], metrics1[k], rtol=LOSS_RTOL, atol=1e-6, err_msg=k)
+    flat1 = dict(jax.tree_util.tree_flatten_with_path(grads1)[0])
+    flat8 = dict(jax.tree_util.tree_flatten_with_path(grads8)[0])
+    assert flat1.keys() == flat8.keys()
+    worst = 0.0
+    for path, g1 in flat1.items():
+        scale = float(np.max(np.abs(g1)))
+        worst = max(worst, float(np.max(np.abs(flat8[path] - g1))) / max(scale, 1e-30))
+        np.testing.assert_allclose(
+            flat8[path],
+            g1,
+            rtol=GRAD_RTOL,
+            atol=GRAD_ATOL_SCALE * scale,
+            err_msg=jax.tree_util.keystr(path),
+        )
+    print(
+        f"{name} {dims}: loss |8-1| {abs(float(loss8) - float(loss1)):.2e}, "
+        f"max |g8-g1| / max|g1| per leaf {worst:.2e}"
+    )
+    # The comparison is not vacuous: the loss reaches every parameter tensor.
+    dead = [jax.tree_util.keystr(p) for p, g in flat1.items() if not np.any(g)]
+    assert not dead, dead
 
 
 def test_batch_size_not_divisible_by_devices_is_a_config_error():

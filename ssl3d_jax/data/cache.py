@@ -117,6 +117,7 @@ def build_cache(
     key: str,
     names: Sequence[str],
     progress: bool = True,
+    share: tuple[int, int] = (0, 1),
 ) -> str:
     """Preprocesses every record of `source` into `<cache_dir>/<key>/` (resuming a partial build).
 
@@ -129,6 +130,12 @@ def build_cache(
       key: `cache_key(...)` of this dataset and these settings.
       names: one unique, file-name-safe name per record (the case names).
       progress: show a progress bar on a terminal (log lines otherwise).
+      share: (index, count) of this builder among `count` concurrent ones (the processes of a
+        multi-host run). Builder i starts with every count-th missing case from the i-th, then
+        does the rest, skipping each case another builder has finished meanwhile: builders that
+        share the cache folder split the work, builders on separate disks each build it all,
+        and nobody waits for anybody (a case built twice is written twice, atomically, with the
+        same content).
 
     Returns:
       the folder holding the cache, as a string. A case whose JSON exists is complete and is
@@ -145,10 +152,15 @@ def build_cache(
     todo = [i for i, n in enumerate(names) if not (folder / f"{n}.json").exists()]
     if not todo:
         return str(folder)
+    index, count = share
+    todo = todo[index::count] + [i for k, i in enumerate(todo) if k % count != index]
     log.info("Preprocessing %d of %d cases into %s", len(todo), len(names), folder)
     with Progress(len(todo), "preprocess", enabled=None if progress else False) as bar:
         for i in todo:
             name = names[i]
+            if count > 1 and (folder / f"{name}.json").exists():
+                bar.update()  # finished by another builder
+                continue
             record = source[i]
             out = preprocess.map(record) if hasattr(preprocess, "map") else preprocess(record)
             if "geometry" not in out:
@@ -240,7 +252,7 @@ class CachedArraysSource(grain.sources.RandomAccessDataSource):
         meta = self.meta(i)
         record = {
             "image": self._load(self.directory / f"{name}.image.npy"),
-            "case_index": np.int32(meta["case_index"]),
+            "case_index": np.int32(i),  # index in this source's `names`, like VolumeSource
         }
         if self.with_label:
             record["label"] = self._load(self.directory / f"{name}.label.npy")

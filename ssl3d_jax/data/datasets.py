@@ -21,6 +21,7 @@ The layout modules import this one, so it imports them lazily inside `open_datas
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import pathlib
@@ -394,18 +395,53 @@ def labels_to_index(seg, label_values: Sequence[int], *, path, dataset: str = ""
     return out
 
 
+# Two files of a case share a voxel grid when their affines place every voxel within this
+# fraction of a voxel of each other. Float32 header storage and qform (quaternion) vs sform
+# round trips move a 240 mm field of view by ~1e-4 mm; a wrong or shifted label file is off by
+# whole voxels. Comparing positions in mm, rather than affine entries, keeps the tolerance
+# meaningful for large translations and for any voxel size.
+GRID_TOLERANCE_VOXELS = 0.1
+
+
+def grid_distance_mm(shape, affine_a, affine_b) -> float:
+    """Largest distance in mm between where `affine_a` and `affine_b` put the same voxel.
+
+    Args:
+      shape: the grid's spatial shape (3 entries; more are ignored).
+      affine_a, affine_b: float [4, 4] voxel-to-world affines.
+
+    Returns:
+      max over the voxel centres of the grid of |A_b v - A_a v| (attained at a corner voxel, as
+      the difference is affine in v); NaN when an affine is not finite.
+    """
+    diff = np.asarray(affine_b, np.float64) - np.asarray(affine_a, np.float64)
+    corners = np.array(list(itertools.product(*[(0, int(n) - 1) for n in shape[:3]])), np.float64)
+    moved = corners @ diff[:3, :3].T + diff[:3, 3]  # [8, 3] mm
+    return float(np.linalg.norm(moved, axis=1).max())
+
+
 def check_same_grid(path_a, shape_a, affine_a, path_b, shape_b, affine_b) -> None:
-    """DataError naming `path_b` unless both volumes share the spatial shape and affine."""
+    """DataError naming both files unless the volumes share the spatial shape and voxel grid.
+
+    The grids agree when no voxel is placed further apart (`grid_distance_mm`) than
+    `GRID_TOLERANCE_VOXELS` times the smallest voxel edge of `path_a`, so float noise between the
+    affines of a scan's files passes and a shifted, flipped or resampled file does not.
+    """
     if tuple(shape_a) != tuple(shape_b):
         raise DataError(
             f"{path_b}: shape {tuple(shape_b)} differs from {path_a} shape {tuple(shape_a)}; "
             "expected all modalities and the seg of a case on the same voxel grid."
         )
-    if not np.allclose(affine_a, affine_b, atol=1e-4):
+    tol = GRID_TOLERANCE_VOXELS * min(
+        float(v) for v in np.linalg.norm(np.asarray(affine_a, np.float64)[:3, :3], axis=0)
+    )
+    dist = grid_distance_mm(shape_a, affine_a, affine_b)
+    if not dist <= tol:  # also catches NaN
         raise DataError(
             f"{path_b}: affine {np.round(affine_b, 4).tolist()} differs from {path_a} affine "
-            f"{np.round(affine_a, 4).tolist()}; expected all modalities and the seg of a case "
-            "on the same voxel grid."
+            f"{np.round(affine_a, 4).tolist()}: the same voxel lies up to {dist:.3g} mm apart "
+            f"(tolerance {tol:.3g} mm, {GRID_TOLERANCE_VOXELS} voxel); expected all modalities "
+            "and the seg of a case on the same voxel grid."
         )
 
 

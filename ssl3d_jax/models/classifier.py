@@ -20,6 +20,7 @@ the loss.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from ssl3d_jax.models.heads import MLPHead
@@ -43,8 +44,8 @@ class ClassificationModel(nnx.Module):
       encoder_dropout_rate: dropout inside the encoder's blocks (`config.model.dropout_rate`;
         a separate name because `dropout_rate` is the head's).
       **encoder_kwargs: the other `Encoder3D` keywords (`filters`, `bottom_filters`,
-        `num_groups`), from `tasks.encoder_config(config)` so that a pretext checkpoint's
-        encoder fits.
+        `num_groups`, `dtype`, `remat`), from `tasks.encoder_config(config)` so that a pretext
+        checkpoint's encoder fits; the head computes in the same `dtype`.
 
     Call:
       `x [B, *spatial, C]` float32, `train` (static bool: dropout on), `rngs`
@@ -72,12 +73,20 @@ class ClassificationModel(nnx.Module):
             **encoder_kwargs,
         )
         features = self.encoder.bottom_filters
+        dtype = encoder_kwargs.get("dtype")
         self.hidden = None if hidden is None else int(hidden)
         if self.hidden is None:
-            self.head = nnx.Linear(features, int(num_classes), rngs=rngs)
+            self.head = nnx.Linear(
+                features, int(num_classes), dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+            )
         else:
             self.head = MLPHead(
-                features, (self.hidden,), int(num_classes), dropout_rate=dropout_rate, rngs=rngs
+                features,
+                (self.hidden,),
+                int(num_classes),
+                dropout_rate=dropout_rate,
+                dtype=dtype,
+                rngs=rngs,
             )
 
     def features(
@@ -92,5 +101,5 @@ class ClassificationModel(nnx.Module):
     ) -> jax.Array:
         pooled = self.features(x, train=train, rngs=rngs)
         if self.hidden is None:
-            return self.head(pooled)
+            return self.head(pooled).astype(jnp.float32)
         return self.head(pooled, train=train, rngs=rngs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
@@ -30,11 +31,13 @@ class MLPHead(nnx.Module):
       hidden: hidden widths (original: 2048, 1024); may be empty.
       out_features: number of logits.
       dropout_rate: element-wise dropout after every hidden layer (original: 0.5).
+      dtype: compute dtype of the dense layers (None: the input's; `jnp.bfloat16` for mixed
+        precision); parameters stay float32 and LayerNorm statistics are float32 either way.
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
       `x [B, F]` float, `train` (static bool: dropout on), `rngs` (`nnx.Rngs(dropout=key)`, needed
-      only if `train` and `dropout_rate > 0`) -> logits `[B, out_features]`.
+      only if `train` and `dropout_rate > 0`) -> logits `[B, out_features]` float32.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class MLPHead(nnx.Module):
         out_features: int | None = None,
         *,
         dropout_rate: float = 0.0,
+        dtype=None,
         rngs: nnx.Rngs,
     ):
         if out_features is None:
@@ -51,17 +55,22 @@ class MLPHead(nnx.Module):
         self.hidden = tuple(int(h) for h in hidden)
         self.dropout_rate = float(dropout_rate)
         cin = int(in_features)
+        precision = dict(dtype=dtype, param_dtype=jnp.float32)
         # Named attributes (dense0, norm0, ...) keep the pure param dict's keys strings.
         for i, h in enumerate(self.hidden):
-            setattr(self, f"dense{i}", nnx.Linear(cin, h, rngs=rngs))
-            setattr(self, f"norm{i}", nnx.LayerNorm(h, rngs=rngs))
+            setattr(self, f"dense{i}", nnx.Linear(cin, h, **precision, rngs=rngs))
+            setattr(self, f"norm{i}", nnx.LayerNorm(h, **precision, rngs=rngs))
             cin = h
         self.dropout = nnx.Dropout(self.dropout_rate)
         # Zero-initialised output layer (big_vision's `head_zeroinit`): the initial logits are 0,
         # so the initial loss is exactly log(num_classes) and early training is not dominated by
         # random logit scales. The original used Keras' glorot_uniform here.
         self.out = nnx.Linear(
-            cin, int(out_features), kernel_init=nnx.initializers.zeros_init(), rngs=rngs
+            cin,
+            int(out_features),
+            kernel_init=nnx.initializers.zeros_init(),
+            **precision,
+            rngs=rngs,
         )
 
     def __call__(
@@ -75,4 +84,4 @@ class MLPHead(nnx.Module):
             x = getattr(self, f"norm{i}")(x)
             if use_dropout:
                 x = self.dropout(x, deterministic=False, rngs=rngs)
-        return self.out(x)
+        return self.out(x).astype(jnp.float32)

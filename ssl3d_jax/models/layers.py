@@ -21,6 +21,14 @@ train with; it needs no train/eval mode switch, which removes the original's fro
 problem (spec section 8, bug list #18); and it computes identical math on any number of devices
 (BatchNorm statistics would silently become per-device under data parallelism). Norm before ReLU is
 the usual modern ordering (conv -> norm -> nonlinearity).
+
+Precision: every module takes `dtype`, the COMPUTE dtype (None / float32, or bfloat16 for mixed
+precision); parameters are always created and stored in float32 (`param_dtype`), so optimizer
+state, checkpoints and the restore of a pretrained encoder do not depend on it. With bfloat16,
+convolutions and the up-convolution cast their inputs and kernels to bfloat16; GroupNorm computes
+its mean and variance (and the normalisation) in float32 and casts the result back (flax's
+`_compute_stats` promotes to at least float32), so the statistics of 128³ feature maps are not
+summed in an 8-bit mantissa.
 """
 
 from __future__ import annotations
@@ -31,7 +39,30 @@ from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
 
-__all__ = ["max_pool2", "UpConv2", "ConvBlock", "group_count", "check_spatial_dims"]
+__all__ = [
+    "max_pool2",
+    "UpConv2",
+    "ConvBlock",
+    "group_count",
+    "check_spatial_dims",
+    "COMPUTE_DTYPES",
+    "compute_dtype",
+]
+
+# config.model.compute_dtype -> the dtype modules compute in (parameters stay float32).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str, key: str = "config.model.compute_dtype"):
+    """`'float32'` / `'bfloat16'` -> `jnp.float32` / `jnp.bfloat16` (the modules' `dtype`).
+
+    Raises:
+      ConfigError naming `key` for any other value.
+    """
+    if isinstance(name, str) and name.strip().lower() in COMPUTE_DTYPES:
+        return COMPUTE_DTYPES[name.strip().lower()]
+    raise ConfigError(f"{key}={name!r}: expected one of {tuple(COMPUTE_DTYPES)}.")
+
 
 _AXES = "dhw"  # einsum letters of the spatial axes (the last `spatial_dims` of them are used)
 
@@ -87,10 +118,12 @@ class UpConv2(nnx.Module):
       in_features: input channels.
       out_features: output channels.
       spatial_dims: n, 3 (volumes, default) or 2 (images).
+      dtype: compute dtype (None: that of the promoted inputs); the parameters stay float32.
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
-      x `[B, *spatial, in]` -> `[B, *(2 * spatial), out]`, dtype of the promoted inputs.
+      x `[B, *spatial, in]` -> `[B, *(2 * spatial), out]`, `dtype` (or that of the promoted
+      inputs).
     """
 
     def __init__(
@@ -101,14 +134,16 @@ class UpConv2(nnx.Module):
         spatial_dims: int = 3,
         kernel_init: nnx.Initializer = nnx.initializers.lecun_normal(),
         bias_init: nnx.Initializer = nnx.initializers.zeros_init(),
+        dtype=None,
         rngs: nnx.Rngs,
     ):
         self.in_features = in_features
+        self.dtype = dtype
         self.out_features = out_features
         self.spatial_dims = check_spatial_dims(spatial_dims)
         shape = (2,) * self.spatial_dims + (in_features, out_features)
-        self.kernel = nnx.Param(kernel_init(rngs.params(), shape))
-        self.bias = nnx.Param(bias_init(rngs.params(), (out_features,)))
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, jnp.float32))
+        self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n = self.spatial_dims
@@ -119,6 +154,8 @@ class UpConv2(nnx.Module):
             )
         b, *spatial, _ = x.shape
         kernel = self.kernel[...][(slice(None, None, -1),) * n]
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
         # One matmul: every input voxel emits a 2x..x2 block of output voxels. 3D:
         # "bdhwc,xyzco->bdxhywzo"; 2D: "bhwc,yzco->bhywzo".
         axes, taps = _AXES[-n:], "xyz"[-n:]
@@ -126,7 +163,10 @@ class UpConv2(nnx.Module):
             f"b{axes}c,{taps}co->b{''.join(a + t for a, t in zip(axes, taps))}o", x, kernel
         )
         y = y.reshape(b, *(2 * s for s in spatial), self.out_features)
-        return y + self.bias[...]
+        # The bias is added in float32 (fused, no extra buffer): its gradient then sums float32
+        # cotangents over every voxel, where a bfloat16 sum over 128³ voxels would lose most of
+        # its digits. The einsum itself (and its transposes) stays in `dtype`.
+        return (y.astype(jnp.promote_types(dtype, jnp.float32)) + self.bias[...]).astype(dtype)
 
 
 def group_count(channels: int, num_groups: int) -> int:
@@ -155,12 +195,14 @@ class ConvBlock(nnx.Module):
       num_groups: GroupNorm groups, `min(num_groups, channels)` (see `group_count`).
       dropout_rate: element-wise dropout rate after the first conv; 0 disables it.
       spatial_dims: 3 (kernels `(3, 3, 3, in, out)`, default) or 2 (kernels `(3, 3, in, out)`).
+      dtype: compute dtype (None: float32 / the input's); parameters stay float32, GroupNorm
+        statistics are float32 whatever the compute dtype (see the module docstring).
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
       `x [B, *spatial, in_channels]`, `train` (static bool: dropout on), `rngs`
       (`nnx.Rngs(dropout=key)`, needed only if `train` and `dropout_rate > 0`) ->
-      `[B, *spatial, channels]`, spatial = (D, H, W) or (H, W).
+      `[B, *spatial, channels]` in `dtype`, spatial = (D, H, W) or (H, W).
     """
 
     def __init__(
@@ -171,6 +213,7 @@ class ConvBlock(nnx.Module):
         num_groups: int = 8,
         dropout_rate: float = 0.0,
         spatial_dims: int = 3,
+        dtype=None,
         rngs: nnx.Rngs,
     ):
         groups = group_count(channels, num_groups)
@@ -181,12 +224,15 @@ class ConvBlock(nnx.Module):
             padding="SAME",
             use_bias=False,
             kernel_init=nnx.initializers.he_normal(),
+            dtype=dtype,
+            param_dtype=jnp.float32,
             rngs=rngs,
         )
+        norm = dict(num_groups=groups, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.conv1 = nnx.Conv(in_channels, channels, **conv)
-        self.norm1 = nnx.GroupNorm(channels, num_groups=groups, rngs=rngs)
+        self.norm1 = nnx.GroupNorm(channels, **norm)
         self.conv2 = nnx.Conv(channels, channels, **conv)
-        self.norm2 = nnx.GroupNorm(channels, num_groups=groups, rngs=rngs)
+        self.norm2 = nnx.GroupNorm(channels, **norm)
         self.dropout_rate = float(dropout_rate)
         # No rngs stored in the module: the dropout key comes at call time, so that the module's
         # state is params only and `nnx.split(model, nnx.Param)` captures all of it.

@@ -90,8 +90,10 @@ class VoxelLinearProbe(nnx.Module):
       spatial_dims: 3 (volumes, default) or 2 (images).
       rngs: `nnx.Rngs` for the initialisers.
       **encoder_kwargs: `Encoder3D` keyword arguments (`filters`, `bottom_filters`, `num_groups`,
-        `dropout_rate`), normally `tasks.encoder_config(config)`, so that a pretext checkpoint's
-        `params['encoder']` fits.
+        `dropout_rate`, `dtype`, `remat`), normally `tasks.encoder_config(config)`, so that a
+        pretext checkpoint's `params['encoder']` fits. With a bfloat16 `dtype` each level's
+        read-out is a bfloat16 matmul (forward and backward), whose K-channel result is summed
+        over the levels, and biased, in float32.
 
     Attributes:
       encoder: the `Encoder3D` (checkpoint contract: restored from `params['encoder']`).
@@ -128,6 +130,7 @@ class VoxelLinearProbe(nnx.Module):
             self.feature_channels,
             self.num_classes,
             kernel_size=(1,) * self.spatial_dims,
+            param_dtype=jnp.float32,
             rngs=rngs,
         )
 
@@ -145,7 +148,8 @@ class VoxelLinearProbe(nnx.Module):
             c = f.shape[-1]
             # Linear head per level at its own resolution, then upsample K channels only (see the
             # module docstring: identical to upsample -> concat -> 1x1 conv).
-            part = jnp.einsum("...c,ck->...k", f, kernel[start : start + c])
+            part = jnp.einsum("...c,ck->...k", f, kernel[start : start + c].astype(f.dtype))
+            part = part.astype(jnp.float32)  # K channels: summed over the levels in float32
             part = upsample_repeat(part, 2**level, shape)
             logits = part if logits is None else logits + part
             start += c

@@ -24,6 +24,17 @@ Deviations from the original:
     the output always has the input's spatial shape.
   * GroupNorm instead of BatchNorm (see `layers.py`), logits instead of a softmax output.
   * Transposed convs are the exact einsum + depth-to-space rewrite `UpConv2` (XLA:CPU speed).
+
+Precision and memory (`config.model.compute_dtype`, `config.model.remat`): every module takes
+`dtype` (compute dtype; parameters are float32 whatever it is, see `layers.py`) and `remat`. With
+`remat=True` each encoder block, and each decoder level (up-conv, crop, concat and block), is
+wrapped in `nnx.remat` (`jax.checkpoint`, nothing saved inside): the backward pass recomputes the
+block's convolutions and norms from the block's input instead of storing every intermediate
+activation. Only block inputs / outputs (the skips among them) stay live between the forward and
+the backward pass, which is what lets 128³ inputs fit, for one extra forward pass of compute
+(benchmarks/remat_memory.md). XLA:CPU undoes remat unless compiled with
+`train.step.CPU_COMPILER_OPTIONS`, which `step.jit_train_step` passes. Logits of
+`SegmentationModel` are float32 in either case.
 """
 
 from __future__ import annotations
@@ -83,13 +94,15 @@ class Encoder3D(nnx.Module):
       bottom_filters: width of the bottom block (paper: 256).
       num_groups: GroupNorm groups per block.
       dropout_rate: element-wise dropout inside every block (original: 0.5).
+      dtype: compute dtype (None / `jnp.float32`, or `jnp.bfloat16`); params stay float32.
+      remat: rematerialise each block in the backward pass (see the module docstring).
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
-      `x [B, D, H, W, C]` float -> `(features, skips)`: `features [B, d, h, w, bottom_filters]`
-      with `d = D` ceil-halved `len(filters)` times, `skips` a tuple shallow -> deep,
-      `skips[i]: [B, D_i, H_i, W_i, filters[i]]` with `D_0 = D`. In 2D the same without the D
-      axis: `x [B, H, W, C]` -> `features [B, h, w, bottom_filters]`.
+      `x [B, D, H, W, C]` float -> `(features, skips)` in `dtype`: `features [B, d, h, w,
+      bottom_filters]` with `d = D` ceil-halved `len(filters)` times, `skips` a tuple shallow ->
+      deep, `skips[i]: [B, D_i, H_i, W_i, filters[i]]` with `D_0 = D`. In 2D the same without the
+      D axis: `x [B, H, W, C]` -> `features [B, h, w, bottom_filters]`.
     """
 
     def __init__(
@@ -101,13 +114,19 @@ class Encoder3D(nnx.Module):
         bottom_filters: int = 256,
         num_groups: int = 8,
         dropout_rate: float = 0.0,
+        dtype=None,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.filters = tuple(int(f) for f in filters)
         self.bottom_filters = int(bottom_filters)
+        self.remat = bool(remat)
         block_kwargs = dict(
-            num_groups=num_groups, dropout_rate=dropout_rate, spatial_dims=self.spatial_dims
+            num_groups=num_groups,
+            dropout_rate=dropout_rate,
+            spatial_dims=self.spatial_dims,
+            dtype=dtype,
         )
         cin = in_channels
         # Named attributes (down0, down1, ...) rather than a list: the pure param dict then has
@@ -121,13 +140,22 @@ class Encoder3D(nnx.Module):
         self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         _check_rank(x, self.spatial_dims, "Encoder3D")
+
+        def block(module, x, rngs):
+            return module(x, train=train, rngs=rngs)
+
+        if self.remat:
+            # graph_updates=False: jax.checkpoint over the split state without writing graph
+            # changes back; the default path refuses a model whose params are concrete arrays
+            # closed over by an outer jit ("Cannot mutate Param from a different trace level").
+            block = nnx.remat(block, graph_updates=False)
         skips = []
         for i in range(len(self.filters)):
-            x = getattr(self, f"down{i}")(x, train=train, rngs=rngs)
+            x = block(getattr(self, f"down{i}"), x, rngs)
             skips.append(x)
             x = max_pool2(x)
         # Deviation from original: no max-pool after the bottom block (see module docstring).
-        x = self.bottom(x, train=train, rngs=rngs)
+        x = block(self.bottom, x, rngs)
         return x, tuple(skips)
 
 
@@ -141,12 +169,14 @@ class UNetDecoder(nnx.Module):
       num_classes: output channels (logits).
       num_groups: GroupNorm groups per block.
       dropout_rate: element-wise dropout inside every block (original decoder: 0.5).
+      dtype: compute dtype (None / `jnp.float32`, or `jnp.bfloat16`); params stay float32.
+      remat: rematerialise each level (up-conv, concat, block) in the backward pass.
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
       `features [B, d, h, w, bottom_filters]`, `skips` as returned by `Encoder3D` ->
-      logits `[B, D, H, W, num_classes]` at the resolution of `skips[0]` (the input's); in 2D
-      `[B, H, W, num_classes]`.
+      logits `[B, D, H, W, num_classes]` float32 at the resolution of `skips[0]` (the input's);
+      in 2D `[B, H, W, num_classes]`.
     """
 
     def __init__(
@@ -158,18 +188,27 @@ class UNetDecoder(nnx.Module):
         num_classes: int,
         num_groups: int = 8,
         dropout_rate: float = 0.0,
+        dtype=None,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         n = self.spatial_dims = check_spatial_dims(spatial_dims)
         self.filters = tuple(int(f) for f in filters)
-        block_kwargs = dict(num_groups=num_groups, dropout_rate=dropout_rate, spatial_dims=n)
+        self.remat = bool(remat)
+        block_kwargs = dict(
+            num_groups=num_groups, dropout_rate=dropout_rate, spatial_dims=n, dtype=dtype
+        )
         cin = int(bottom_filters)
         for i in reversed(range(len(self.filters))):
             f = self.filters[i]
-            setattr(self, f"up{i}", UpConv2(cin, f, spatial_dims=n, rngs=rngs))
+            setattr(self, f"up{i}", UpConv2(cin, f, spatial_dims=n, dtype=dtype, rngs=rngs))
             setattr(self, f"block{i}", ConvBlock(2 * f, f, **block_kwargs, rngs=rngs))
             cin = f
-        self.classifier = nnx.Conv(cin, num_classes, kernel_size=(1,) * n, rngs=rngs)
+        # Applied in `__call__` as a matmul over channels (a 1x1 conv is one); the module only
+        # holds its parameters (kernel `(1,) * n + (cin, K)`, bias `(K,)`).
+        self.classifier = nnx.Conv(
+            cin, num_classes, kernel_size=(1,) * n, param_dtype=jnp.float32, rngs=rngs
+        )
 
     def __call__(
         self,
@@ -180,16 +219,27 @@ class UNetDecoder(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
         _check_rank(features, self.spatial_dims, "UNetDecoder")
-        x = features
-        for i in reversed(range(len(self.filters))):
-            skip = skips[i]
-            x = getattr(self, f"up{i}")(x)
+
+        def level(up, block, x, skip, rngs):
+            x = up(x)
             # Ceil pooling makes the upsampled tensor up to 1 voxel larger than the skip on odd
             # axes; the surplus is at the high end (where max_pool2 padded), so crop it there.
             x = x[(slice(None), *(slice(0, s) for s in skip.shape[1:-1]))]
-            x = jnp.concatenate([x, skip], axis=-1)
-            x = getattr(self, f"block{i}")(x, train=train, rngs=rngs)
-        return self.classifier(x)
+            x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+            return block(x, train=train, rngs=rngs)
+
+        if self.remat:
+            level = nnx.remat(level, graph_updates=False)  # as in Encoder3D
+        x = features
+        for i in reversed(range(len(self.filters))):
+            x = level(getattr(self, f"up{i}"), getattr(self, f"block{i}"), x, skips[i], rngs)
+        # The 1x1 conv in the compute dtype (forward and backward), then float32 logits: the bias
+        # is added in float32 (its gradient sums float32 cotangents over every voxel) and
+        # softmax, Dice and argmax read float32.
+        kernel = self.classifier.kernel[...]
+        kernel = kernel.reshape(kernel.shape[-2], kernel.shape[-1]).astype(x.dtype)
+        logits = jnp.einsum("...c,ck->...k", x, kernel)
+        return logits.astype(jnp.float32) + self.classifier.bias[...]
 
 
 class SegmentationModel(nnx.Module):
@@ -198,9 +248,11 @@ class SegmentationModel(nnx.Module):
     The attribute name `encoder` is part of the checkpoint contract: finetuning restores
     `params['encoder']` from a pretraining checkpoint.
 
+    `dtype` (compute dtype) and `remat` go to both the encoder and the decoder.
+
     Call:
-      `x [B, *spatial, in_channels]` -> logits `[B, *spatial, num_classes]`, spatial = (D, H, W)
-      or (H, W).
+      `x [B, *spatial, in_channels]` -> logits `[B, *spatial, num_classes]` float32, spatial =
+      (D, H, W) or (H, W).
     """
 
     def __init__(
@@ -213,6 +265,8 @@ class SegmentationModel(nnx.Module):
         bottom_filters: int = 256,
         num_groups: int = 8,
         dropout_rate: float = 0.0,
+        dtype=None,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         self.spatial_dims = check_spatial_dims(spatial_dims)
@@ -223,6 +277,8 @@ class SegmentationModel(nnx.Module):
             bottom_filters=bottom_filters,
             num_groups=num_groups,
             dropout_rate=dropout_rate,
+            dtype=dtype,
+            remat=remat,
             rngs=rngs,
         )
         self.decoder = UNetDecoder(
@@ -232,6 +288,8 @@ class SegmentationModel(nnx.Module):
             num_classes=num_classes,
             num_groups=num_groups,
             dropout_rate=dropout_rate,
+            dtype=dtype,
+            remat=remat,
             rngs=rngs,
         )
 

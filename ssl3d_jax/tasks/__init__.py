@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from typing import Callable
 
 import jax
+from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
 
@@ -33,13 +35,30 @@ class Task:
 
 
 def encoder_config(config) -> dict:
-    """Keyword arguments of `Encoder3D` from `config.model` (shared by every task's model)."""
+    """Keyword arguments of `Encoder3D` from `config.model` (shared by every task's model).
+
+    Besides the architecture (`filters`, `bottom_filters`, `num_groups`, `dropout_rate`, which
+    fix the parameter tree), `dtype` (the compute dtype, from `config.model.compute_dtype`) and
+    `remat` (`config.model.remat`): they change how the model computes, never its parameters
+    (always float32), so a checkpoint restores whatever either setting was at save time. Every
+    model reads its heads' compute dtype from `dtype` too.
+
+    Raises:
+      ConfigError: an unknown `config.model.compute_dtype`, or a non-boolean `config.model.remat`.
+    """
+    from ssl3d_jax.models.layers import compute_dtype
+
     m = config.model
+    remat = m.get("remat", False)
+    if not isinstance(remat, bool):
+        raise ConfigError(f"config.model.remat={remat!r}: expected True or False.")
     return dict(
         filters=tuple(int(f) for f in m.filters),
         bottom_filters=int(m.bottom_filters),
         num_groups=int(m.num_groups),
         dropout_rate=float(m.dropout_rate),
+        dtype=compute_dtype(m.get("compute_dtype", "float32")),
+        remat=remat,
     )
 
 
@@ -75,6 +94,16 @@ def pretext_loss(loss_fn: Callable, *, task: str, spatial_dims: int, uses_dropou
 
 
 def get_task(config, *, in_channels: int) -> Task:
+    """The `Task` of `config.task` for inputs of `in_channels` channels.
+
+    Also checks, from shapes only (`jax.eval_shape`, nothing is compiled), that the task can
+    train on the inputs that `config.data` gives it: `config.data.spatial_dims` axes of
+    `config.data.size` voxels (every preprocessing mode and random crop yields that edge).
+
+    Raises:
+      ConfigError: an unknown `config.task`; a `config.data.size` too small for the task, naming
+        the smallest size that works.
+    """
     name = config.task
     try:
         module = importlib.import_module(f"ssl3d_jax.tasks.{name}")
@@ -82,4 +111,88 @@ def get_task(config, *, in_channels: int) -> Task:
         if e.name != f"ssl3d_jax.tasks.{name}":
             raise  # a missing dependency of an existing task module, not a mistyped task
         raise ConfigError(f"config.task={name!r}: no module ssl3d_jax/tasks/{name}.py") from e
-    return module.make_task(config, in_channels=in_channels)
+    task = module.make_task(config, in_channels=in_channels)
+    _check_input_size(module, task, config, in_channels)
+    return task
+
+
+# Each input of the encoder (a patch; the whole input for rotation and exemplar) needs at least
+# this many voxels per axis: with one there is no spatial structure left, flips and 90° turns are
+# the identity (rotation's classes become indistinguishable), and the 3x3x3 convolutions see one
+# voxel in zero padding. Smaller than the encoder's 2**len(filters) downsampling is fine: its
+# pools round up, so every level keeps >= 1 voxel (the default 40³ RPL patches are 10³).
+MIN_ENCODER_INPUT = 2
+# Sizes tried when searching for the smallest working one; beyond it the failure is not a size.
+_MAX_SIZE = 4096
+
+
+def _input_problem(
+    task: Task, config, size: int, in_channels: int
+) -> tuple[str, Exception | None] | None:
+    """Why `task` cannot train on `size`-edge inputs (and the exception raised, if any), or None
+    when it can."""
+    dims = int(config.data.spatial_dims)
+    spec = task.input_spec
+    if "patches_per_side" in spec:  # grid tasks: patches of size // P - J voxels per axis
+        p, j = int(spec["patches_per_side"]), int(spec.get("jitter", 0))
+        edge = size // p - j
+        what = (
+            f"its {'x'.join([str(p)] * dims)} grid gives patches of {edge} voxel(s) per axis "
+            f"(size // patches_per_side - jitter = {size} // {p} - {j})"
+        )
+    else:
+        edge, what = size, f"its encoder input would be {size} voxel(s) per axis"
+    if edge < MIN_ENCODER_INPUT:
+        return f"{what}, fewer than {MIN_ENCODER_INPUT}", None
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))))
+    # Two inputs: the fewest every task accepts (exemplar's negatives are other inputs).
+    volumes = jax.ShapeDtypeStruct((2, *(size,) * dims, in_channels), jax.numpy.float32)
+    try:
+        jax.eval_shape(
+            lambda s, v, k: task.loss(nnx.merge(graphdef, s), v, k),
+            state,
+            volumes,
+            jax.random.key(0),
+        )
+    except Exception as e:  # noqa: BLE001 — any failure; the caller tells size ones apart
+        return f"{what}, and its loss fails on them ({type(e).__name__}: {e})", e
+    return None
+
+
+def _check_input_size(module, task: Task, config, in_channels: int) -> None:
+    size = int(config.data.size)
+    found = _input_problem(task, config, size, in_channels)
+    if found is None:
+        return
+    problem, error = found
+
+    def works(s: int) -> bool:
+        trial = copy.deepcopy(config)
+        trial.data.size = s
+        try:
+            t = module.make_task(trial, in_channels=in_channels)
+        except ConfigError:
+            return False
+        return _input_problem(t, trial, s, in_channels) is None
+
+    # Doubling, then bisection: every task's constraints grow with the size (patch edges are
+    # size // P - J), so the working sizes are all those from some minimum on.
+    lo, hi = size, max(2 * size, MIN_ENCODER_INPUT)
+    while not works(hi):
+        lo, hi = hi, 2 * hi
+        if hi > _MAX_SIZE:
+            if error is not None:
+                raise error  # no size helps: not a size problem; the task's own error says what
+            raise ConfigError(
+                f"config.data.size={size}: too small for the {config.task} task: {problem}; "
+                f"and no size up to {_MAX_SIZE} works."
+            )
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if works(mid) else (mid, hi)
+    raise ConfigError(
+        f"config.data.size={size}: too small for the {config.task} task: {problem}; expected "
+        f"config.data.size >= {hi} (the edge of the {int(config.data.spatial_dims)}D inputs "
+        "after preprocessing, in voxels)."
+    )

@@ -30,7 +30,10 @@ minus the positive itself. This includes the other patches of the same volume (o
 the context patches, the other target rows of the same column) as well as every patch of every
 other volume. The train step runs on global arrays sharded over the 'data' mesh, so the
 `[predictions] x [all latents]` score matrix gathers the latents across devices (XLA inserts the
-all-gather); the loss is the same on 1 or 8 devices for the same global batch.
+all-gather); the loss is the same on 1 or 8 devices for the same global batch. With gradient
+accumulation (`config.pretrain.grad_accum_steps = k > 1`) the loss only ever sees one micro-batch
+of B / k volumes, so the candidates are `B / k * P**n` latents: a different, easier task than the
+batch of B, not the same gradient computed in pieces (`make_task` logs a warning).
 
 Deliberate deviations from the original code:
   * InfoNCE over all `B * P**n - 1` in-batch negatives, as the paper describes CPC, instead of
@@ -70,7 +73,9 @@ Deliberate deviations from the original code:
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 from typing import Any
 
 import jax
@@ -84,6 +89,8 @@ from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
 from ssl3d_jax.ops.patches import extract_grid
 from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "last_context_row",
@@ -320,7 +327,8 @@ class CPCModel(nnx.Module):
       code_size: latent size (original: 1024).
       gru_units: GRU width (original: 256).
       encoder_kwargs: keyword arguments of `Encoder3D` (filters, bottom_filters, num_groups,
-        dropout_rate).
+        dropout_rate, dtype, remat); the code projection, GRU and predictors compute in the same
+        `dtype`; the InfoNCE scores are float32 (`info_nce`).
       rngs: `nnx.Rngs` for the initialisers.
 
     Attributes:
@@ -331,7 +339,7 @@ class CPCModel(nnx.Module):
 
     Call:
       `patches [B, P**n, *patch, C]` -> `(predictions [B, P**(n-1), K, code_size],
-      latents [B, P**n, code_size])`, float32.
+      latents [B, P**n, code_size])`, in the compute dtype (float32 by default).
     """
 
     def __init__(
@@ -351,12 +359,19 @@ class CPCModel(nnx.Module):
         self.gru_units = int(gru_units)
         encoder_kwargs = dict(encoder_kwargs or {})
         self.encoder = Encoder3D(in_channels, **encoder_kwargs, spatial_dims=n, rngs=rngs)
-        self.code = nnx.Linear(self.encoder.bottom_filters, int(code_size), rngs=rngs)
+        precision = dict(dtype=encoder_kwargs.get("dtype"), param_dtype=jnp.float32)
+        self.code = nnx.Linear(self.encoder.bottom_filters, int(code_size), **precision, rngs=rngs)
         # rngs=False: the RNN then carries no RNG state (only Params), so the model splits into
         # (graphdef, params) alone; the GRU has no dropout to feed.
-        self.context = nnx.RNN(nnx.GRUCell(int(code_size), self.gru_units, rngs=rngs), rngs=False)
+        self.context = nnx.RNN(
+            nnx.GRUCell(int(code_size), self.gru_units, **precision, rngs=rngs), rngs=False
+        )
         for k in range(self.num_terms):
-            setattr(self, f"predict{k}", nnx.Linear(self.gru_units, int(code_size), rngs=rngs))
+            setattr(
+                self,
+                f"predict{k}",
+                nnx.Linear(self.gru_units, int(code_size), **precision, rngs=rngs),
+            )
 
     def encode(
         self, patches: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
@@ -479,13 +494,31 @@ def loss_fn(
     return loss, {"loss": loss, "accuracy": accuracy}
 
 
+@functools.cache  # once per setting: a run builds its task more than once
+def _warn_accumulation(accum: int, batch_size: int, patches: int) -> None:
+    # Not just a memory saving: InfoNCE's candidates are the latents of the batch it sees.
+    log.warning(
+        "CPC with config.pretrain.grad_accum_steps=%d: each micro-batch of %d volumes is its own "
+        "InfoNCE candidate set (%d instead of %d negatives per prediction), so accumulation "
+        "changes the task, it does not reproduce the batch of %d",
+        accum,
+        batch_size // accum,
+        batch_size // accum * patches - 1,
+        batch_size * patches - 1,
+        batch_size,
+    )
+
+
 def make_task(config, *, in_channels: int):
     """The CPC `Task` for the generic pretraining loop (see `ssl3d_jax.tasks.Task`).
 
-    Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate), `config.data`
-    (spatial_dims) and `config.cpc` (patches_per_side, jitter, code_size, gru_units, temperature,
-    volume_crop, patch_crop, flip_patches). The loss always augments (`training=True`) and runs
-    the model in train mode; its dropout key is split off the step key.
+    Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate, compute_dtype,
+    remat), `config.data` (spatial_dims) and `config.cpc` (patches_per_side, jitter, code_size,
+    gru_units, temperature, volume_crop, patch_crop, flip_patches). Logs a warning when
+    `config.pretrain.grad_accum_steps > 1`: the negatives of InfoNCE then come from each
+    micro-batch alone (see `ssl3d_jax.train.step`), which makes the task easier. The loss always
+    augments (`training=True`) and runs the model in train mode; its dropout key is split off the
+    step key.
     """
     c = config.cpc
     p, n = _check(int(c.patches_per_side), int(config.data.spatial_dims))
@@ -502,6 +535,10 @@ def make_task(config, *, in_channels: int):
             raise ConfigError(f"config.cpc.{name} must be in (0, 1], got {aug[name]!r}.")
     encoder_kwargs = encoder_config(config)
     uses_dropout = encoder_kwargs["dropout_rate"] > 0
+    pretrain = config.get("pretrain")
+    accum = int(pretrain.get("grad_accum_steps", 1)) if pretrain is not None else 1
+    if accum > 1:
+        _warn_accumulation(accum, int(pretrain.batch_size), p**n)
 
     def build_model(rngs: nnx.Rngs) -> CPCModel:
         return CPCModel(

@@ -42,7 +42,10 @@ Deliberate deviations from the original code:
     `negative_index[i]`, so anchors and negatives are treated alike (both augmented, or neither
     with `augment_positive=False`), and its embedding is gathered from the positives' embeddings
     instead of being encoded again (2B encoder inputs instead of 3B; identical values because
-    nothing in the model mixes samples: GroupNorm, no BatchNorm). Needs batch size >= 2.
+    nothing in the model mixes samples: GroupNorm, no BatchNorm). Needs batch size >= 2. With
+    gradient accumulation (`config.pretrain.grad_accum_steps = k > 1`) "the batch" is each
+    micro-batch of B / k volumes: negatives (random or batch-hard) come from fewer volumes, which
+    changes the task (`make_task` logs a warning and needs B / k >= 2).
   * Option `batch_hard=True` (default off): for each anchor the hardest negative, i.e. the
     nearest embedding among both views of all OTHER volumes of the global batch (2B - 2
     candidates), as in Hermans et al. 2017: once random negatives satisfy the margin they give
@@ -56,6 +59,8 @@ Deliberate deviations from the original code:
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,6 +85,8 @@ from ssl3d_jax.ops.augment import (
     zoom,
 )
 from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     # augmentations, re-exported for convenience (defined in ssl3d_jax.ops.augment)
@@ -257,7 +264,8 @@ class ExemplarModel(nnx.Module):
       code_size: embedding size (original: 1024).
       spatial_dims: 3 (volumes) or 2 (images).
       encoder_kwargs: keyword arguments of `Encoder3D` (filters, bottom_filters, num_groups,
-        dropout_rate).
+        dropout_rate, dtype, remat); the projection computes in the same `dtype`, the
+        normalisation (and every distance of the loss) in float32.
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
@@ -278,7 +286,13 @@ class ExemplarModel(nnx.Module):
             in_channels, spatial_dims=spatial_dims, **encoder_kwargs, rngs=rngs
         )
         # The single projection shared by anchor, positive and negative (the original: three).
-        self.projection = nnx.Linear(self.encoder.bottom_filters, int(code_size), rngs=rngs)
+        self.projection = nnx.Linear(
+            self.encoder.bottom_filters,
+            int(code_size),
+            dtype=encoder_kwargs.get("dtype"),
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
 
     def __call__(
         self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
@@ -343,13 +357,30 @@ def loss_fn(
     return loss, metrics
 
 
+@functools.cache  # once per setting: a run builds its task more than once
+def _warn_accumulation(accum: int, batch_size: int, batch_hard: bool) -> None:
+    log.warning(
+        "Exemplar with config.pretrain.grad_accum_steps=%d: negatives%s come from each "
+        "micro-batch of %d volumes, not from the batch of %d, so accumulation changes the task "
+        "(fewer candidate negatives), it does not reproduce the larger batch",
+        accum,
+        " (batch-hard)" if batch_hard else "",
+        batch_size // accum,
+        batch_size,
+    )
+
+
 def make_task(config, *, in_channels: int):
     """The Exemplar `Task` for the generic pretraining loop (see `ssl3d_jax.tasks.Task`).
 
-    Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate), `config.data`
-    (spatial_dims) and `config.exemplar` (code_size, margin, squared_distance, batch_hard,
-    augment_positive and the `AUGMENT_KEYS` of `augment`). The loss runs in train mode; its
-    dropout key is split off the step key.
+    Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate, compute_dtype,
+    remat), `config.data` (spatial_dims) and `config.exemplar` (code_size, margin,
+    squared_distance, batch_hard, augment_positive and the `AUGMENT_KEYS` of `augment`). The loss
+    runs in train mode; its dropout key is split off the step key.
+
+    With `config.pretrain.grad_accum_steps = k > 1` the negatives come from each micro-batch of
+    `batch_size / k` volumes alone (see `ssl3d_jax.train.step`), which changes the task; a
+    warning is logged, and micro-batches of fewer than 2 volumes are a `ConfigError`.
     """
     cfg = config.exemplar
     spatial_dims = check_spatial_dims(config.data.spatial_dims)
@@ -365,6 +396,17 @@ def make_task(config, *, in_channels: int):
     batch_hard, augment_positive = bool(cfg.batch_hard), bool(cfg.augment_positive)
     encoder_kwargs = encoder_config(config)
     uses_dropout = encoder_kwargs["dropout_rate"] > 0
+    pretrain = config.get("pretrain")
+    accum = int(pretrain.get("grad_accum_steps", 1)) if pretrain is not None else 1
+    if accum > 1:
+        micro = int(pretrain.batch_size) // accum
+        if micro < 2:
+            raise ConfigError(
+                f"config.pretrain.grad_accum_steps={accum}: exemplar needs micro-batches of at "
+                f"least 2 volumes (a volume's negative is another volume of its micro-batch), "
+                f"got {pretrain.batch_size} / {accum} = {micro}"
+            )
+        _warn_accumulation(accum, int(pretrain.batch_size), bool(cfg.batch_hard))
 
     def build_model(rngs: nnx.Rngs) -> ExemplarModel:
         return ExemplarModel(

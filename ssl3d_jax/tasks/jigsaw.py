@@ -231,7 +231,7 @@ class JigsawModel(nnx.Module):
       num_patches: N, patches per puzzle (`P**spatial_dims`).
       num_permutations: K, the number of classes.
       encoder_kwargs: keyword arguments of `Encoder3D` (filters, bottom_filters, num_groups,
-        dropout_rate).
+        dropout_rate, dtype, remat); the head computes in the same `dtype`.
       head_hidden: hidden widths of the head (original `big_fully`: 2048, 1024).
       head_dropout: dropout rate of the head (original: 0.5).
       spatial_dims: 3 (volumes) or 2 (images), passed on to the encoder.
@@ -264,6 +264,7 @@ class JigsawModel(nnx.Module):
             head_hidden,
             num_classes(num_permutations),
             dropout_rate=head_dropout,
+            dtype=encoder_kwargs.get("dtype"),
             rngs=rngs,
         )
 

@@ -171,7 +171,7 @@ class RotationModel(nnx.Module):
       input_size: edge of the (cubic / square) input, static; fixes the flattened feature size.
       spatial_dims: 3 (volumes) or 2 (images).
       encoder_kwargs: keyword arguments of `Encoder3D` (filters, bottom_filters, num_groups,
-        dropout_rate).
+        dropout_rate, dtype, remat); the head computes in the same `dtype`.
       head_hidden: hidden widths of the head (original: 2048, 1024).
       head_dropout: dropout rate of the head (original: 0.5).
       rngs: `nnx.Rngs` for the initialisers.
@@ -204,6 +204,7 @@ class RotationModel(nnx.Module):
             head_hidden,
             num_classes(self.spatial_dims),
             dropout_rate=head_dropout,
+            dtype=encoder_kwargs.get("dtype"),
             rngs=rngs,
         )
 

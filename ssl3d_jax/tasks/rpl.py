@@ -136,7 +136,8 @@ class RPLModel(nnx.Module):
       patches_per_side: P (odd), fixes the number of classes `P**spatial_dims - 1`.
       spatial_dims: 3 (volume patches, default) or 2 (image patches).
       encoder_kwargs: keyword arguments of `Encoder3D` (filters, bottom_filters, num_groups,
-        dropout_rate); `spatial_dims` is passed separately.
+        dropout_rate, dtype, remat); `spatial_dims` is passed separately. The head computes in
+        the same `dtype`.
       head_hidden: hidden widths of the head (original: 2048, 1024).
       head_dropout: dropout rate of the head (original: 0.5).
       rngs: `nnx.Rngs` for the initialisers.
@@ -167,6 +168,7 @@ class RPLModel(nnx.Module):
             head_hidden,
             num_classes(patches_per_side, self.spatial_dims),
             dropout_rate=head_dropout,
+            dtype=encoder_kwargs.get("dtype"),
             rngs=rngs,
         )
 

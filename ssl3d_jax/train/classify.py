@@ -179,6 +179,7 @@ def run(
     cfg = config.finetune
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_batch_size(cfg.batch_size, mesh, "config.finetune.batch_size")
+    accum = step_lib.grad_accum_steps(config, "finetune", mesh)  # checked before any work
     labeled = _select(dataset, splits["labeled"], "labeled")
     test = _select(dataset, splits["test"], "test")
     unlabelled = [c.name for c in labeled + test if c.target is None]
@@ -212,14 +213,17 @@ def run(
     restored = None
     if restores:
         enc, restored = restore_encoder(init_from, jax.device_get(params["encoder"]))
-        params = dict(params, encoder=jax.device_put(enc, parallel.replicated(mesh)))
+        params = dict(params, encoder=parallel.replicate(enc, mesh))
 
     tx = optax.adam(cfg.probe_learning_rate if arm == "probe" else cfg.learning_rate)
     state = step_lib.create_train_state(tx, params, key_run, mesh)
     loss_fn = functools.partial(classification_loss, flip=bool(setting(config, "flip")))
-    full_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, loss_fn, tx), mesh)
+    full_step = step_lib.jit_train_step(
+        step_lib.make_train_step(graphdef, loss_fn, tx, accum_steps=accum), mesh
+    )
     head_step = step_lib.jit_train_step(
-        step_lib.make_train_step(graphdef, loss_fn, tx, trainable=("head",)), mesh
+        step_lib.make_train_step(graphdef, loss_fn, tx, trainable=("head",), accum_steps=accum),
+        mesh,
     )
     if arm == "probe":
         warmup, step_fn = cfg.num_steps, (lambda s: head_step)
@@ -246,6 +250,7 @@ def run(
         workdir=workdir,
         meta=meta,
         mesh=mesh,
+        case_names=[c.name for c in labeled],
     )
 
     per_case = evaluate(config, graphdef, state.params, dataset, test)

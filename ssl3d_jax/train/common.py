@@ -8,6 +8,7 @@ import os
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 import ssl3d_jax
@@ -73,7 +74,17 @@ def preprocessed_source(config, dataset, cases, *, with_label: bool, progress: b
     key = cache.cache_key(info, prep.settings(), files)
     # Case names of a NIfTI folder are relative paths ('sub/scan_001'); cache files are flat.
     names = [c.name.replace(os.sep, "__").replace("/", "__") for c in cases]
-    folder = cache.build_cache(volumes, prep, root, key=key, names=names, progress=progress)
+    # Every process builds (see build_cache's `share`): no process waits on another, and hosts
+    # without a shared cache folder each get a complete one.
+    folder = cache.build_cache(
+        volumes,
+        prep,
+        root,
+        key=key,
+        names=names,
+        progress=progress and jax.process_index() == 0,
+        share=(jax.process_index(), jax.process_count()),
+    )
     return cache.CachedArraysSource(folder, names, with_label=with_label and labelled)
 
 
@@ -89,13 +100,20 @@ class _DropLabel(grain.sources.RandomAccessDataSource):
 
 
 def train_iterator(config, dataset, cases, *, batch_size: int, with_label: bool, seed: int):
-    """A grain iterator over this process's share of the global batch.
+    """A grain iterator over this process's share of each global batch of `batch_size`.
+
+    One shuffled record stream (the same seed on every process) is cut into batches of
+    `batch_size / process_count` and process p takes batches p, p + P, p + 2P, …: at step t the
+    processes' batches, stacked in process order (`parallel.put_batch`), are exactly records
+    `[t·B, (t+1)·B)` of the stream, i.e. the global batch that one process would read, whatever
+    the number of processes. Random crops are drawn per record position, so they agree too. Each
+    process checkpoints its own iterator position (grain writes one file per process).
 
     Volumes: preprocessed `[S, S, S, C]` (random S³ crops with `resize_mode='none'`); 2D
     (`config.data.spatial_dims == 2`): their axial slices `[S, S, C]`; image datasets: images
     `[S, S, 3]` with their grade as `target`.
     """
-    n_proc = jax.process_count()
+    per_process, index, count = parallel.process_share(batch_size)
     transform = None
     if dataset.layout == "images":
         if config.data.spatial_dims != 2:
@@ -124,12 +142,12 @@ def train_iterator(config, dataset, cases, *, batch_size: int, with_label: bool,
     ds = pipeline.make_train_dataset(
         source,
         transform,
-        batch_size=batch_size // n_proc,
+        batch_size=per_process,
         seed=seed,
         num_workers=config.data.num_workers,
         num_threads=config.data.num_threads,
-        shard_index=jax.process_index(),
-        shard_count=n_proc,
+        shard_index=index,
+        shard_count=count,
     )
     return iter(ds)
 
@@ -204,9 +222,14 @@ def fit(
     meta: dict,
     mesh,
     probes: tuple = (),
+    case_names: list[str] | None = None,
 ):
     """`loop.train_loop` with the settings of `cfg` (`config.pretrain` or `config.finetune`),
-    checkpointing into `ckpt` and closing the data iterator (its worker processes) at the end."""
+    checkpointing into `ckpt` and closing the data iterator (its worker processes) at the end.
+
+    `case_names`: the names of the cases that `batches` reads, in source order (what a record's
+    `case_index` indexes), so that a non-finite loss names the cases of its batch.
+    """
     try:
         return loop.train_loop(
             phase=phase,
@@ -222,6 +245,7 @@ def fit(
             meta=meta,
             data_iter=batches,
             probes=probes,
+            describe_batch=describe_cases(case_names),
         )
     finally:
         close = getattr(batches, "close", None)
@@ -229,9 +253,28 @@ def fit(
             close()
 
 
+def describe_cases(case_names: list[str] | None):
+    """`host batch -> 'batch of cases A, B'` from the batch's `case_index` (each case once, in
+    batch order; `#i` when no names are given); '' for a batch without `case_index`."""
+
+    def describe(batch: dict) -> str:
+        if "case_index" not in batch:
+            return ""
+        indices = dict.fromkeys(int(i) for i in np.asarray(batch["case_index"]).reshape(-1))
+        names = [
+            case_names[i] if case_names is not None and 0 <= i < len(case_names) else f"#{i}"
+            for i in indices
+        ]
+        share = " (this process's share)" if jax.process_count() > 1 else ""
+        return f"batch of cases {', '.join(names)}{share}"
+
+    return describe
+
+
 def fit_arm(*, phase: str, arm_dir: str, state, restored: dict | None, **fit_kwargs):
     """Train one finetuning arm in `arm_dir`: the list of restored encoder tensors next to its
-    checkpoints, resume from the arm's latest checkpoint (state and data position), then `fit`.
+    checkpoints, resume from the arm's latest readable checkpoint (state and data position, see
+    `Checkpointer.restore_latest`), then `fit`.
 
     `fit_kwargs`: `fit`'s remaining arguments (step_fn, batches, keys, cfg, workdir, meta, mesh).
     """
@@ -239,8 +282,10 @@ def fit_arm(*, phase: str, arm_dir: str, state, restored: dict | None, **fit_kwa
     if restored is not None:
         write_json(os.path.join(arm_dir, "restored_params.json"), restored)
     with Checkpointer(os.path.join(arm_dir, "checkpoints"), max_to_keep=2) as ckpt:
-        latest = ckpt.latest_step()
+        latest, restored_state = ckpt.restore_latest(
+            abstract_like(state), data_iter=fit_kwargs["batches"]
+        )
         if latest is not None:
             log.info("Resuming %s from step %d", phase, latest)
-            state = ckpt.restore(latest, abstract_like(state), data_iter=fit_kwargs["batches"])
+            state = restored_state
         return fit(phase=phase, state=state, ckpt=ckpt, **fit_kwargs)

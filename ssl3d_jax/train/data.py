@@ -12,6 +12,7 @@ import logging
 import os
 import pathlib
 
+import jax
 import numpy as np
 
 from ssl3d_jax.data import datasets, phantom
@@ -96,7 +97,13 @@ def make_splits(names: list[str], *, num_test: int, num_labeled: int, seed: int)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON atomically: a reader never sees a half-written file."""
+    """Write JSON atomically: a reader never sees a half-written file.
+
+    In a multi-process run only process 0 writes: every process holds the same object (splits,
+    results), and the workdir is shared (orbax checkpoints need that anyway).
+    """
+    if jax.process_index() != 0:
+        return
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 

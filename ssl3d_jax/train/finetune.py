@@ -137,6 +137,7 @@ def run(
     cfg = config.finetune
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_batch_size(cfg.batch_size, mesh, "config.finetune.batch_size")
+    accum = step_lib.grad_accum_steps(config, "finetune", mesh)  # checked before any work
     arm_dir = os.path.join(os.path.abspath(workdir), "finetune", arm)
     phase = f"finetune/{arm}"
 
@@ -155,7 +156,7 @@ def run(
             )
         check_compatible(init_from, config, dataset)
         enc, restored = restore_encoder(init_from, jax.device_get(params["encoder"]))
-        params = dict(params, encoder=jax.device_put(enc, parallel.replicated(mesh)))
+        params = dict(params, encoder=parallel.replicate(enc, mesh))
 
     tx = optax.adam(cfg.probe_learning_rate if arm == "probe" else cfg.learning_rate)
     state = step_lib.create_train_state(tx, params, key_run, mesh)
@@ -167,13 +168,21 @@ def run(
     )
     if arm == "probe":
         probe_step = step_lib.jit_train_step(
-            step_lib.make_train_step(graphdef, loss_fn, tx, trainable=_PROBE_PARTS), mesh
+            step_lib.make_train_step(
+                graphdef, loss_fn, tx, trainable=_PROBE_PARTS, accum_steps=accum
+            ),
+            mesh,
         )
         step_fn = lambda s: probe_step  # noqa: E731
     else:
-        full_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, loss_fn, tx), mesh)
+        full_step = step_lib.jit_train_step(
+            step_lib.make_train_step(graphdef, loss_fn, tx, accum_steps=accum), mesh
+        )
         frozen_step = step_lib.jit_train_step(
-            step_lib.make_train_step(graphdef, loss_fn, tx, trainable=_WARMUP_PARTS), mesh
+            step_lib.make_train_step(
+                graphdef, loss_fn, tx, trainable=_WARMUP_PARTS, accum_steps=accum
+            ),
+            mesh,
         )
         warmup = cfg.warmup_frozen_steps if arm == "pretrained" else 0
         step_fn = lambda s: frozen_step if s < warmup else full_step  # noqa: E731
@@ -196,6 +205,7 @@ def run(
         workdir=workdir,
         meta=meta,
         mesh=mesh,
+        case_names=[c.name for c in labeled],
     )
 
     test = data_lib.select(dataset.cases, splits["test"])
@@ -275,6 +285,8 @@ def evaluate(config, dataset, graphdef, params, cases, *, out_dir: str | None = 
     predict = make_predictor(config, graphdef)
     prep = common.make_preprocess(config, dataset, keep_geometry=True)
     source = datasets.VolumeSource(dataset, cases, with_label=True)
+    # Every process evaluates (no collectives: replicated params, host volumes); one writes.
+    out_dir = out_dir if parallel.is_primary() else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     out = {}

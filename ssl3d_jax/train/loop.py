@@ -1,6 +1,12 @@
 """The host-side training loop: feed batches, log metrics, checkpoint, stop on a non-finite loss.
 
 It knows nothing of tasks or files beyond the metrics file and the `Checkpointer` it is handed.
+
+Exact resume: a run restarted from its checkpoint at step S first drops the metric records that
+the interrupted run logged after S (they are logged again, identically), so that the metrics file
+of an interrupted and resumed run equals that of an uninterrupted one, except for the wall-clock
+fields `WALL_CLOCK_FIELDS`. Every record of a step is written before that step's checkpoint is
+saved, so a checkpoint never exists without the records up to its step.
 """
 
 from __future__ import annotations
@@ -14,25 +20,64 @@ from typing import Callable, Iterator
 
 import jax
 
+from ssl3d_jax import fileio
 from ssl3d_jax.errors import Ssl3dError
 
 log = logging.getLogger(__name__)
+
+# Fields of a metric record that measure time, not training: they differ between runs.
+WALL_CLOCK_FIELDS = ("time", "steps_per_sec", "data_wait_fraction")
 
 
 class NonFiniteLossError(Ssl3dError, FloatingPointError):
     """The loss became NaN or Inf; the run stops without saving the bad state."""
 
 
+def _in_phase(record_phase: str, phase: str) -> bool:
+    return record_phase == phase or record_phase.startswith(phase + "/")
+
+
 class MetricWriter:
-    """Appends one JSON object per line to `<workdir>/metrics.jsonl` (flushed every write)."""
+    """Appends one JSON object per line to `<workdir>/metrics.jsonl` (flushed every write).
+
+    Only process 0 writes (every process of a multi-host run logs the same global metrics).
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def drop_after(self, phase: str, step: int) -> int:
+        """Remove the records of `phase` (and its sub-phases `phase/...`, e.g. probes) logged
+        after `step`, and any torn line, rewriting the file atomically; other phases are kept.
+
+        Returns:
+          the number of lines removed.
+        """
+        if not self.enabled or not os.path.exists(self.path):
+            return 0
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill during the write
+            later = _in_phase(str(record.get("phase", "")), phase) and record.get("step", 0) > step
+            if not later:
+                kept.append(line)
+        if len(kept) != len(lines):
+            fileio.atomic_write(self.path, lambda f: f.write("".join(x + "\n" for x in kept)))
+        return len(lines) - len(kept)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -55,6 +100,7 @@ def train_loop(
     meta: dict | None = None,
     data_iter=None,
     probes: tuple = (),
+    describe_batch: Callable[[dict], str] | None = None,
 ):
     """Run steps `state.step` … `num_steps − 1` and return the final state.
 
@@ -69,18 +115,26 @@ def train_loop(
       probes: `(name, every, fn)` triples: `fn(state) -> dict of floats` runs every `every`
         steps and at the end (e.g. the kNN probe of the encoder during pretraining); its record
         goes to the metrics file with phase `<phase>/<name>`.
+      describe_batch: `host batch -> str` naming what a batch holds (e.g. its cases), kept for
+        the steps not yet checked and named in a `NonFiniteLossError`.
 
     Raises:
-      NonFiniteLossError: with the step number; the checkpoint of that step is not written.
+      NonFiniteLossError: naming the step and its batch; no checkpoint of that step or later is
+        written (the earlier ones are untouched).
     """
     start = int(jax.device_get(state.step))
-    pending: list[tuple[int, dict]] = []
+    dropped = writer.drop_after(phase, start)
+    if dropped:
+        log.info("[%s] dropped %d metric records logged after step %d", phase, dropped, start)
+    # (step, metrics on device, batch description): small, until the next flush checks them.
+    pending: list[tuple[int, dict, str]] = []
     t_last, n_last = time.perf_counter(), start
     t_data = 0.0
 
     def flush(step_done: int) -> dict:
         nonlocal pending, t_last, n_last, t_data
-        host = jax.device_get(pending)
+        host = jax.device_get([(s, m) for s, m, _ in pending])
+        described = {s: d for s, _, d in pending}
         pending = []
         now = time.perf_counter()
         rate = (step_done - n_last) / max(now - t_last, 1e-9)
@@ -88,9 +142,10 @@ def train_loop(
         for s, m in host:
             m = {k: float(v) for k, v in m.items()}
             if not all(math.isfinite(v) for v in m.values()):
+                batch = f" ({described[s]})" if described[s] else ""
                 raise NonFiniteLossError(
-                    f"{phase}: non-finite metrics at step {s}: {m}; stopping without saving this "
-                    "state (the last good checkpoint is kept)"
+                    f"{phase}: non-finite metrics at step {s}{batch}: {m}; stopping without "
+                    "saving this state (the last good checkpoint is kept)"
                 )
             last = m
         record = dict(
@@ -118,18 +173,18 @@ def train_loop(
 
     for step in range(start, num_steps):
         t0 = time.perf_counter()
-        batch = put_batch(next(batches))
+        host_batch = next(batches)
+        described = describe_batch(host_batch) if describe_batch is not None else ""
+        batch = put_batch(host_batch)
         t_data += time.perf_counter() - t0
         state, metrics = step_fn(step)(state, batch)
-        pending.append((step + 1, metrics))  # numbered as logged: steps completed
+        pending.append((step + 1, metrics, described))  # numbered as logged: steps completed
         done = step + 1
         save = checkpointer is not None and (
             done == num_steps or (checkpoint_every and done % checkpoint_every == 0)
         )
         if done % log_every == 0 or done == num_steps or save:
             flush(done)  # also checks finiteness before anything is saved
-        if save:
-            checkpointer.save(done, state, meta or {}, data_iter=data_iter)
         for name, every, fn in probes:
             if every and (done % every == 0 or done == num_steps):
                 t_probe = time.perf_counter()
@@ -138,6 +193,8 @@ def train_loop(
                 shown = " ".join(f"{k} {v:.4g}" for k, v in sorted(result.items()))
                 log.info("[%s/%s] step %d  %s", phase, name, done, shown)
                 t_last += time.perf_counter() - t_probe  # not counted as training time
+        if save:  # after every record of this step: a resumed run never has to log them again
+            checkpointer.save(done, state, meta or {}, data_iter=data_iter)
     if pending:
         flush(num_steps)
     if checkpointer is not None:

@@ -37,6 +37,7 @@ def run(config, workdir: str, dataset, cases: list, *, mesh=None) -> str:
     cfg = config.pretrain
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_batch_size(cfg.batch_size, mesh, "config.pretrain.batch_size")
+    accum = step_lib.grad_accum_steps(config, "pretrain", mesh)  # checked before any work
     common.log_devices(mesh)
     in_channels = dataset.in_channels
     task = tasks.get_task(config, in_channels=in_channels)
@@ -44,34 +45,47 @@ def run(config, workdir: str, dataset, cases: list, *, mesh=None) -> str:
     meta = common.run_meta(config, dataset, phase="pretrain")
     meta["task_input"] = task.input_spec
 
-    with Checkpointer(ckpt_dir, max_to_keep=cfg.keep_checkpoints) as ckpt:
-        latest = ckpt.latest_step()
-        if latest is not None:
-            found = ckpt.read_meta(latest).get("task")
-            if found != config.task:
-                raise CheckpointError(
-                    f"{ckpt_dir} holds checkpoints of task {found!r}, not {config.task!r}; use "
-                    "another --workdir"
-                )
-            if latest >= cfg.num_steps:
-                log.info("Pretraining already complete (step %d) in %s", latest, ckpt_dir)
-                return ckpt_dir
+    def same_task(step, found):
+        if found.get("task") != config.task:
+            raise CheckpointError(
+                f"{ckpt_dir} holds checkpoints of task {found.get('task')!r}, not "
+                f"{config.task!r}; use another --workdir"
+            )
 
+    with Checkpointer(ckpt_dir, max_to_keep=cfg.keep_checkpoints) as ckpt:
         key_init, key_run = jax.random.split(jax.random.key(config.seed))
         graphdef, params = step_lib.init_params(task.build_model, key_init, mesh)
         tx = optax.adam(cfg.learning_rate)
         state = step_lib.create_train_state(tx, params, key_run, mesh)
+        abstract = common.abstract_like(state)
+        # Resume from the newest readable checkpoint (an unreadable one is set aside with a
+        # warning, and training goes on from the one before).
+        if any(s >= cfg.num_steps for s in ckpt.all_steps()):
+            # Complete if the final state reads: check without starting the data pipeline.
+            latest, _ = ckpt.restore_latest(abstract, check_meta=same_task)
+            if latest >= cfg.num_steps:
+                log.info("Pretraining already complete (step %d) in %s", latest, ckpt_dir)
+                return ckpt_dir
         batches = common.train_iterator(
             config, dataset, cases, batch_size=cfg.batch_size, with_label=False, seed=config.seed
         )
+        try:
+            latest, restored = ckpt.restore_latest(
+                abstract, data_iter=batches, check_meta=same_task
+            )
+        except BaseException:
+            _close(batches)
+            raise
         if latest is not None:
             log.info("Resuming pretraining from step %d in %s", latest, ckpt_dir)
-            state = ckpt.restore(latest, common.abstract_like(state), data_iter=batches)
+            state = restored
 
         def loss_fn(model, batch, key):
             return task.loss(model, batch["image"], key)
 
-        train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, loss_fn, tx), mesh)
+        train_step = step_lib.jit_train_step(
+            step_lib.make_train_step(graphdef, loss_fn, tx, accum_steps=accum), mesh
+        )
         knn = knn_probe(config, dataset, cases, graphdef)
         common.fit(
             phase="pretrain",
@@ -85,8 +99,15 @@ def run(config, workdir: str, dataset, cases: list, *, mesh=None) -> str:
             meta=meta,
             mesh=mesh,
             probes=() if knn is None else (("knn", cfg.knn_every, knn),),
+            case_names=[c.name for c in cases],
         )
     return ckpt_dir
+
+
+def _close(batches) -> None:
+    close = getattr(batches, "close", None)  # grain worker processes
+    if close is not None:
+        close()
 
 
 def knn_probe(config, dataset, cases, graphdef):

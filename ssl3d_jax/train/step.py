@@ -4,6 +4,24 @@
 branching on traced values. `jit_train_step` compiles it with the state replicated and the batch
 sharded along the mesh's 'data' axis; XLA inserts the gradient all-reduce, so the same global batch
 gives the same update on any number of devices.
+
+Gradient accumulation (`accum_steps = k > 1`, `config.{pretrain,finetune}.grad_accum_steps`): the
+global batch of B is split into k micro-batches of B / k, their gradients (and metrics) are
+computed one after the other in a `lax.scan` and averaged, and the optimizer updates once, so the
+peak activation memory is that of a B / k batch. Micro-batch i holds the rows `i, i + k, i + 2k,
+...` (`split_micro_batches`): with the batch sharded in contiguous blocks over the devices, every
+micro-batch is then spread over ALL devices (each device's block holds B / (k · n) rows of each),
+so no data moves between devices and every device works on every micro-batch. Micro-batch i draws
+its randomness from `fold_in(step_key, i)`.
+
+What accumulation preserves depends on the loss:
+  * a mean over independent samples (RPL, rotation, jigsaw, segmentation Dice + CE with the
+    per-example Dice of `losses.soft_dice_loss`, classification CE): the averaged gradient IS
+    the gradient of the whole batch (for the same per-sample randomness; the task's sampling
+    keys are drawn per micro-batch, so the random draws differ from an unaccumulated step's);
+  * contrastive losses whose negatives come from the batch (CPC's InfoNCE, Exemplar's triplets):
+    each micro-batch only sees its own B / k volumes as negatives, so accumulation CHANGES THE
+    TASK (fewer, easier negatives), it does not just save memory. Those tasks log a warning.
 """
 
 from __future__ import annotations
@@ -12,9 +30,11 @@ import functools
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.train.state import TrainState
 
 # (model, batch, key) -> (scalar loss, {name: scalar})
@@ -26,12 +46,108 @@ def init_opt_state(tx: optax.GradientTransformation, params: dict) -> dict:
     return {part: tx.init(p) for part, p in params.items()}
 
 
+def check_accum_steps(accum_steps, batch_size: int, num_devices: int, *, key: str) -> int:
+    """Validates a gradient-accumulation setting; returns it as an int.
+
+    Raises:
+      ConfigError naming `key` unless `accum_steps` is an int >= 1 that divides `batch_size` into
+      micro-batches that are themselves multiples of `num_devices`.
+    """
+    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ConfigError(f"{key}={accum_steps!r}: expected an integer >= 1.")
+    if batch_size % accum_steps:
+        raise ConfigError(
+            f"{key}={accum_steps} must divide the batch size ({batch_size}) into equal "
+            "micro-batches"
+        )
+    micro = batch_size // accum_steps
+    if micro % num_devices:
+        raise ConfigError(
+            f"{key}={accum_steps}: micro-batches of {batch_size} / {accum_steps} = {micro} must be "
+            f"a multiple of the number of devices ({num_devices}), so that every micro-batch is "
+            "spread over all of them"
+        )
+    return accum_steps
+
+
+def grad_accum_steps(config, section: str, mesh) -> int:
+    """`config.<section>.grad_accum_steps` (1 when absent), checked against
+    `config.<section>.batch_size` and the devices of `mesh` (`check_accum_steps`)."""
+    cfg = config[section]
+    return check_accum_steps(
+        cfg.get("grad_accum_steps", 1),
+        int(cfg.batch_size),
+        mesh.devices.size,
+        key=f"config.{section}.grad_accum_steps",
+    )
+
+
+def split_micro_batches(batch, accum_steps: int):
+    """`[B, ...]` leaves -> `[k, B / k, ...]`, micro-batch i = rows `i, i + k, i + 2k, ...`.
+
+    Strided rather than contiguous: with B sharded in contiguous blocks over n devices (and
+    B / k a multiple of n), reshaping to `[B / k, k, ...]` keeps every device's rows on it, and
+    the transpose to `[k, B / k, ...]` is local too; a contiguous split would put micro-batch i
+    on n / k of the devices and make XLA move the data.
+
+    Args:
+      batch: pytree of arrays with a common leading batch axis B, a multiple of `accum_steps`.
+      accum_steps: k >= 1, static.
+
+    Returns:
+      the same pytree with leaves `[k, B / k, ...]`.
+    """
+
+    def split(x):
+        b = x.shape[0]
+        if b % accum_steps:
+            raise ConfigError(
+                f"grad_accum_steps={accum_steps} must divide the batch size ({b}) evenly"
+            )
+        x = x.reshape(b // accum_steps, accum_steps, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate(grad_fn, params, batch, key, accum_steps: int):
+    """Mean of `grad_fn(params, micro_batch_i, fold_in(key, i))` over the k micro-batches.
+
+    Args:
+      grad_fn: `(params, batch, key) -> ((loss, metrics), grads)`, e.g. a `jax.value_and_grad`
+        with `has_aux=True`.
+      params: the differentiated params (their dtype is the accumulators', float32).
+      batch: the global batch (pytree, leading axis B).
+      key: the step's PRNG key.
+      accum_steps: k >= 1, static; 1 calls `grad_fn(params, batch, key)` unchanged.
+
+    Returns:
+      `((loss, metrics), grads)` averaged over the micro-batches (metrics included: a mean of
+      micro-batch means, which for per-sample means is the whole batch's mean).
+    """
+    if accum_steps == 1:
+        return grad_fn(params, batch, key)
+    micro = split_micro_batches(batch, accum_steps)
+
+    def body(total, xs):
+        i, micro_batch = xs
+        out = grad_fn(params, micro_batch, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, total, out), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(grad_fn, params, first, key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+    return jax.tree.map(lambda t: t / accum_steps, total)
+
+
 def make_train_step(
     graphdef,
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     *,
     trainable: Sequence[str] | None = None,
+    accum_steps: int = 1,
 ):
     """Build the pure train step.
 
@@ -42,24 +158,30 @@ def make_train_step(
       trainable: top-level param parts to train (default: all). The others are held constant
         under `stop_gradient`-like treatment: no gradient is computed for them at all (XLA drops
         their backward pass), and their optimizer state is left untouched.
+      accum_steps: gradient accumulation over this many micro-batches per step (see the module
+        docstring); 1 (default) is the plain step, with the step key passed unchanged.
 
     Returns:
       `step(state: TrainState, batch: dict) -> (TrainState, metrics)`; metrics are float32
       scalars: the loss function's, plus 'grad_norm'.
     """
     trainable = None if trainable is None else tuple(trainable)
+    accum_steps = int(accum_steps)
+    if accum_steps < 1:
+        raise ConfigError(f"grad_accum_steps={accum_steps}: expected >= 1")
 
     def step(state: TrainState, batch: dict):
         parts = tuple(state.params) if trainable is None else trainable
         frozen = {k: v for k, v in state.params.items() if k not in parts}
         key = jax.random.fold_in(state.rng, state.step)
 
-        def objective(train_params):
+        def objective(train_params, batch, key):
             model = nnx.merge(graphdef, {**frozen, **train_params})
             return loss_fn(model, batch, key)
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
-        (loss, metrics), grads = grad_fn({k: state.params[k] for k in parts})
+        train_params = {k: state.params[k] for k in parts}
+        (loss, metrics), grads = accumulate(grad_fn, train_params, batch, key, accum_steps)
         params, opt_state = dict(state.params), dict(state.opt_state)
         for k in parts:
             updates, opt_state[k] = tx.update(grads[k], state.opt_state[k], state.params[k])
@@ -71,12 +193,31 @@ def make_train_step(
     return step
 
 
+# XLA:CPU's `cse_barrier_expander` pass drops the optimization barriers of `jax.checkpoint`
+# before CSE, which then merges the backward pass's recomputation with the forward pass: remat
+# (config.model.remat) silently stores every activation again. Measured on a 2 x 32³ U-Net step:
+# 42 MiB of temp buffers with or without remat; 24 MiB with remat when the pass is skipped (GPU and
+# TPU keep the barriers). Without barriers in the program skipping it changes nothing.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
+def compiler_options(mesh) -> dict | None:
+    """XLA options for a step compiled for `mesh`'s devices: `CPU_COMPILER_OPTIONS` on CPU."""
+    return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+
+
 def jit_train_step(step_fn, mesh) -> Callable:
-    """jit with the state donated and replicated, metrics replicated, batch sharding inferred."""
+    """jit with the state donated and replicated, metrics replicated, batch sharding inferred;
+    on CPU with `CPU_COMPILER_OPTIONS`, so that rematerialisation takes effect there too."""
     from ssl3d_jax.parallel import replicated
 
     repl = replicated(mesh)
-    return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(repl, repl))
+    return jax.jit(
+        step_fn,
+        donate_argnums=(0,),
+        out_shardings=(repl, repl),
+        compiler_options=compiler_options(mesh),
+    )
 
 
 def init_params(build_model: Callable[[nnx.Rngs], nnx.Module], key, mesh=None):
@@ -111,4 +252,6 @@ def create_train_state(tx, params: dict, rng, mesh) -> TrainState:
     state = TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=opt_state, rng=rng
     )
-    return jax.device_put(state, repl)
+    from ssl3d_jax.parallel import replicate
+
+    return replicate(state, mesh)
