@@ -55,6 +55,8 @@ import numpy as np
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
+from benchmarks.common import write_results  # noqa: E402
+
 DEFAULT_OUT = os.path.join(_ROOT, "benchmarks", "results")
 NAME = "input_pipeline"
 BRATS_SHAPE = (240, 240, 155)
@@ -735,13 +737,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{NAME}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    with open(os.path.join(args.out, f"{NAME}.md"), "w") as f:
-        f.write(render(result))
-    print(f"wrote {os.path.join(args.out, NAME)}.{{json,md}}")
+    write_results(args.out, NAME, result, render(result))
     return result
 
 

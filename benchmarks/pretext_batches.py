@@ -46,7 +46,6 @@ import argparse
 import datetime
 import functools
 import importlib
-import json
 import os
 import platform
 import shlex
@@ -63,6 +62,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
 from benchmarks import numpy_reference as ref  # noqa: E402
+from benchmarks.common import cpu_name, write_results  # noqa: E402
 from ssl3d_jax.tasks import cpc, exemplar, jigsaw, rotation, rpl  # noqa: E402
 
 TASKS = ("rpl", "rotation", "jigsaw", "cpc", "exemplar")
@@ -198,17 +198,6 @@ def measure(
     return row
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
     import jaxlib
 
@@ -326,13 +315,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 f"ms  numpy {row['numpy']['median_ms']:9.1f} ms  speed-up {row['speedup']:.1f}x",
                 flush=True,
             )
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{NAME}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    with open(os.path.join(args.out, f"{NAME}.md"), "w") as f:
-        f.write(render(result))
-    print(f"wrote {os.path.join(args.out, NAME)}.{{json,md}}")
+    write_results(args.out, NAME, result, render(result))
     return result
 
 

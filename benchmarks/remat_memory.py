@@ -50,14 +50,14 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import cpu_name  # noqa: E402
+from benchmarks.step_flops import abstract_state  # noqa: E402
 from ssl3d_jax import parallel  # noqa: E402
 from ssl3d_jax.train import finetune  # noqa: E402
 from ssl3d_jax.train import step as step_lib  # noqa: E402
-from ssl3d_jax.train.state import TrainState  # noqa: E402
 
 IN_CHANNELS, NUM_CLASSES = 4, 4  # BraTS: t1 t1ce t2 flair; bg / NCR / ED / ET
 VARIANTS = (("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True))
@@ -69,23 +69,6 @@ def load_config(task: str, size: str, dtype: str, remat: bool):
     config.model.compute_dtype = dtype
     config.model.remat = remat
     return config
-
-
-def abstract_state(build_model, tx) -> tuple:
-    """(graphdef, TrainState of ShapeDtypeStructs): nothing is initialised or allocated."""
-    abstract = nnx.eval_shape(lambda: build_model(nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract, nnx.Param)
-    params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params)
-    )
-    opt_state = jax.eval_shape(functools.partial(step_lib.init_opt_state, tx), params)
-    state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32),
-        params=params,
-        opt_state=opt_state,
-        rng=jax.eval_shape(lambda: jax.random.key(0)),
-    )
-    return graphdef, state
 
 
 def finetune_step(size: str, dtype: str, remat: bool):
@@ -145,17 +128,6 @@ def memory_of(step, state, batch, *, cpu_default: bool = False) -> dict:
     }
     row["total"] = row["argument"] + row["output"] + row["temp"] - row["alias"]
     return row
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gib(n: int) -> str:

@@ -367,15 +367,9 @@ def measure_phases(phases, size: str, steps: int) -> list[dict]:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from benchmarks.common import cpu_name
+
+    cpu = cpu_name()
     versions = {"python": platform.python_version(), "jax": jax.__version__}
     for mod in ("jaxlib", "flax", "optax", "numpy", "torch"):
         try:
