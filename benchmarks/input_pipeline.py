@@ -13,12 +13,14 @@ preprocessed as `configs/rpl.py:<size>` does it:
 3. the train step's consumption (volumes/s) of the default RPL pretraining step and of the
    default segmentation finetuning step (the real jitted steps on random batches), so that each
    pipeline row can be read as "how many times faster than training eats";
-4. `data_wait_fraction` from `<workdir>/metrics.jsonl` of a short default pretraining run
-   (`ssl3d_jax.run.run`, mode 'pretrain'): the share of wall time the loop spent in
-   `next(batches)` and putting the batch on the device. With asynchronous dispatch that `next`
-   overlaps the previous step's compute, so the RPL step is also run against the cached pipeline
-   with a wait for every step before the next fetch (the exposed wait), and alone on a batch
-   already on the device (`overlap`);
+4. `data_wait_fraction` from `<workdir>/metrics.jsonl` of the default pretraining run
+   (`ssl3d_jax.run.run`, mode 'pretrain', the real `train_loop` with its device prefetch
+   thread, `config.data.prefetch`), for each prefetch depth asked for (default 2, the config's,
+   and 0, reading between steps): the share of wall time the device sat idle because the loop
+   waited for its next batch (see `train_loop`). The RPL step is also run against the cached
+   pipeline in this process (`overlap`): alone on a batch already on the device; reading each
+   batch between dispatches (the loop before device prefetch), once asynchronously and once
+   waiting for every step before the next read (the exposed wait); and with `DevicePrefetcher`;
 5. memory flatness: the peak RSS (VmHWM) of a fresh process streaming the same number of
    batches from a cache of N cases and from one of 4N cases; the cache is memory-mapped and read
    one case at a time, so the peak should not grow with N (holding it all would add the
@@ -28,7 +30,7 @@ Why: issue 6 asks that the data wait stay below 5% of step time in the default c
 and that memory stay flat as the dataset grows; the original's loaders left the GPU waiting.
 
 Run (writes benchmarks/results/input_pipeline.{json,md}; everything lives in a temp folder):
-    python benchmarks/input_pipeline.py                       # default size, a few minutes
+    python benchmarks/input_pipeline.py                       # default size, ~10 min
     python benchmarks/input_pipeline.py --size=smoke --cases=6 --shape=32,36,28 --workers=0,1 \
         --steps=0 --brats-cases=0 --out=/tmp/ip                # seconds
 """
@@ -212,13 +214,15 @@ def grain_throughput(
 def overlap(fn, state, source, *, batch: int, threads: int, steps: int, mesh) -> dict:
     """Where the loop's time goes when the RPL step reads from `source` through grain.
 
-    The training loop counts `next(batches)` + `put_batch` as data wait. With JAX's asynchronous
-    dispatch that `next` runs while the previous step still computes, so part of that time is
-    overlapped, not waited. Measured three ways, `steps` steps each, in this process:
+    With JAX's asynchronous dispatch a `next(batches)` between steps runs while the previous
+    step still computes, so the time in `next` + put is partly overlapped, not waited. Measured
+    four ways, `steps` steps each, in this process:
       alone: the step on one batch already on the device (no pipeline at all);
-      async: the loop as `train_loop` runs it (dispatch, then fetch the next batch);
+      async: read each batch in the loop between dispatches (`train_loop(prefetch=0)`);
       blocking: wait for each step before fetching the next batch, so `next` + put is the
-        exposed wait (what the step would be slowed by if nothing overlapped).
+        exposed wait (what the step would be slowed by if nothing overlapped);
+      prefetch: `pipeline.DevicePrefetcher` (depth 2) reads and puts in a thread, as
+        `train_loop` does by default; `idle_fraction` is its measure of the device's wait.
     """
     import jax
 
@@ -259,6 +263,30 @@ def overlap(fn, state, source, *, batch: int, threads: int, steps: int, mesh) ->
             "put_ms": round(1e3 * t_put / steps, 2),
             "loop_data_wait_fraction": round((t_next + t_put) / wall, 4),
         }
+    it = iter(
+        pipeline.make_train_dataset(source, None, batch_size=batch, seed=0, num_threads=threads)
+    )
+    feed = pipeline.DevicePrefetcher(it, put, depth=2)
+    try:
+        state, m = fn(state, next(feed).batch)
+        jax.block_until_ready(m)
+        t_idle = 0.0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            item, idle = feed.get(lambda: not all(x.is_ready() for x in jax.tree.leaves(m)))
+            t_idle += idle
+            state, m = fn(state, item.batch)
+        jax.block_until_ready(m)
+        wall = time.perf_counter() - t0
+    finally:
+        feed.close()
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    res["prefetch"] = {
+        "ms_per_step": round(1e3 * wall / steps, 2),
+        "idle_fraction": round(t_idle / wall, 4),
+    }
     t0 = time.perf_counter()
     for _ in range(steps):
         state, m = fn(state, device_batch)
@@ -360,26 +388,30 @@ def step_rates(
     return out
 
 
-def data_wait(config_size: str, root: str, cache_dir: str, workdir: str, *, steps: int) -> dict:
-    """Runs the default pretraining (`mode='pretrain'`) for `steps` steps and reads
-    `data_wait_fraction` / `steps_per_sec` of every logged window from metrics.jsonl."""
+def data_wait(
+    config_size: str, root: str, cache_dir: str, workdir: str, *, steps: int, prefetch: int
+) -> dict:
+    """Runs the default pretraining (`mode='pretrain'`) for `steps` steps with device prefetch
+    depth `prefetch` and reads `data_wait_fraction` / `steps_per_sec` of every logged window
+    from metrics.jsonl. Logged every `config.pretrain.log_every` steps (fewer for short runs);
+    checkpoints as configured (they carry the data position); no kNN probe (it runs outside
+    the timed windows but costs minutes of wall time; the input pipeline is the same)."""
     from ssl3d_jax import run as run_lib
 
-    log_every = max(1, min(10, steps // 3))
+    log_every = min(int(load_config(config_size).pretrain.log_every), max(1, steps // 6))
     config = load_config(
         config_size,
         **{
             "data.root": root,
             "data.cache_dir": cache_dir,
+            "data.prefetch": prefetch,
             "pretrain.num_steps": steps,
             "pretrain.log_every": log_every,
-            # The kNN probe and checkpoints run outside the timed data/step windows, but cost
-            # minutes of wall time; the input pipeline is unchanged without them.
             "pretrain.knn_every": 0,
-            "pretrain.checkpoint_every": 0,
         },
     )
     config.mode = "pretrain"
+    load_before = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
     run_lib.run(config, workdir)
     wall = time.perf_counter() - t0
@@ -398,8 +430,12 @@ def data_wait(config_size: str, root: str, cache_dir: str, workdir: str, *, step
     # The first window also holds the compilation of the step, which dilutes its fraction.
     steady = records[1:] or records
     return {
+        "prefetch": prefetch,
         "steps": steps,
         "log_every": log_every,
+        "checkpoint_every": int(config.pretrain.checkpoint_every),
+        "load_average_before": load_before,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "num_workers": int(config.data.num_workers),
         "num_threads": int(config.data.num_threads),
         "batch": int(config.pretrain.batch_size),
@@ -590,29 +626,41 @@ def render(result: dict) -> str:
         lines += [
             f"Where the RPL step's time goes with the cached pipeline ({ov['steps']} steps "
             "each, this process): the step alone on a batch already on the device "
-            f"{ov['alone_ms_per_step']} ms; the loop as `train_loop` runs it (asynchronous "
-            f"dispatch) {a['ms_per_step']} ms/step, of which `next` {a['next_ms']} ms + put "
-            f"{a['put_ms']} ms (loop-measured fraction {100 * a['loop_data_wait_fraction']:.1f}"
-            "%, but `next` runs while the previous step computes); blocking on every step "
-            f"before fetching the next batch {b['ms_per_step']} ms/step, exposed wait `next` "
-            f"{b['next_ms']} ms + put {b['put_ms']} ms = "
-            f"**{100 * b['loop_data_wait_fraction']:.1f}%**. Slow-down of the step by the "
-            f"pipeline (async / alone): {ov['slowdown_vs_alone']}×.",
+            f"{ov['alone_ms_per_step']} ms; reading each batch in the loop between "
+            f"asynchronous dispatches (`prefetch=0`) {a['ms_per_step']} ms/step, of which "
+            f"`next` {a['next_ms']} ms + put {a['put_ms']} ms (time in the read "
+            f"{100 * a['loop_data_wait_fraction']:.1f}%, but it runs while the previous step "
+            "computes); blocking on every step before fetching the next batch "
+            f"{b['ms_per_step']} ms/step, exposed wait `next` {b['next_ms']} ms + put "
+            f"{b['put_ms']} ms = {100 * b['loop_data_wait_fraction']:.1f}%. Slow-down of the "
+            f"step by the pipeline (async / alone): {ov['slowdown_vs_alone']}×.",
             "",
         ]
-    dw = result.get("data_wait")
-    if dw:
+        pf = ov.get("prefetch")
+        if pf:
+            lines += [
+                f"With `DevicePrefetcher` (depth 2, as `train_loop`): {pf['ms_per_step']} "
+                f"ms/step ({pf['ms_per_step'] / ov['alone_ms_per_step']:.3f}× alone), device "
+                f"idle waiting for data {100 * pf['idle_fraction']:.2f}% of the time.",
+                "",
+            ]
+    for dw in result.get("data_wait") or []:
         windows = ", ".join(f"{w['data_wait_fraction']:.3f}" for w in dw["windows"])
+        default = " (the config's default)" if dw.get("default") else ""
         lines += [
-            f"Data wait, `configs/rpl.py:{result['size']}` pretraining "
-            f"(`run(mode='pretrain')`, {dw['steps']} steps, "
+            f"Data wait, `configs/rpl.py:{result['size']}` pretraining with "
+            f"`config.data.prefetch={dw['prefetch']}`{default} "
+            f"(`run(mode='pretrain')`, the real `train_loop`: {dw['steps']} steps, "
             f"batch {dw['batch']}, workers {dw['num_workers']}, threads {dw['num_threads']}, "
-            f"logged every {dw['log_every']} steps): **{100 * dw['steady_data_wait_fraction']:.2f}"
-            f"%** of step time after the first window (which includes compilation), at "
-            f"{dw['steady_steps_per_sec']} steps/s; per window: {windows}. The loop counts "
-            "the time in `next` + put as "
-            "wait, including the part that overlaps the asynchronously dispatched step (see "
-            "the paragraph above for the exposed wait).",
+            f"logged every {dw['log_every']} steps, checkpoints every "
+            f"{dw['checkpoint_every']}, no kNN probe; load average before "
+            f"{', '.join(map(str, dw['load_average_before']))}, after "
+            f"{', '.join(map(str, dw['load_average_after']))}): logged `data_wait_fraction` "
+            f"**{100 * dw['steady_data_wait_fraction']:.2f}%** of wall time after the first "
+            f"window (which includes compilation), at {dw['steady_steps_per_sec']} steps/s; "
+            f"per window: {windows}. It counts the time the loop waited for a batch after the "
+            "previously dispatched step had finished (the device idle), not the time blocked "
+            "while dispatched steps still ran.",
             "",
         ]
     mem = result.get("memory")
@@ -643,7 +691,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--shape", default=None, help="phantom shape, e.g. 80,96,72 (default)")
     p.add_argument("--workers", default="0,1,2", help="grain worker processes to compare")
     p.add_argument("--batches", type=int, default=8, help="batches timed per grain row")
-    p.add_argument("--steps", type=int, default=60, help="pretraining steps (0: skip)")
+    p.add_argument("--steps", type=int, default=300, help="pretraining steps (0: skip)")
+    p.add_argument(
+        "--prefetch", default="2,0", help="device prefetch depths of the pretraining runs"
+    )
     p.add_argument("--step-repeats", type=int, default=3, help="timed train steps (0: skip)")
     p.add_argument("--overlap-steps", type=int, default=20, help="RPL steps per overlap mode")
     p.add_argument("--brats-cases", type=int, default=2, help="240×240×155 cases (0: skip)")
@@ -725,10 +776,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
             )
             print(f"steps: {json.dumps(result['steps_consumption'])}", flush=True)
         if args.steps > 0:
-            result["data_wait"] = data_wait(
-                args.size, root, cache_dir, os.path.join(tmp, "workdir"), steps=args.steps
-            )
-            print(f"data wait: {json.dumps(result['data_wait'])}", flush=True)
+            result["data_wait"] = []
+            for depth in _ints(args.prefetch):
+                row = data_wait(
+                    args.size,
+                    root,
+                    cache_dir,
+                    os.path.join(tmp, f"workdir_prefetch{depth}"),
+                    steps=args.steps,
+                    prefetch=depth,
+                )
+                row["default"] = depth == int(config.data.prefetch)
+                result["data_wait"].append(row)
+                print(f"data wait: {json.dumps(row)}", flush=True)
         if args.memory_factor > 1:
             result["memory"] = memory_flatness(
                 cached, tmp, batch=batch, threads=threads, factor=args.memory_factor

@@ -16,6 +16,8 @@ and machine, under a header saying how the file was made.
   input_pipeline   (c) cases/s from NIfTI and from the cache through grain vs the step's needs,
                    data-wait fraction, memory as the dataset grows
   remat_memory     bf16 / remat memory of paper-size steps (compile only; issue 5)
+  layers           per-layer fwd / dX / dW of every conv the default models run, for each exact
+                   formulation (ssl3d_jax/ops/conv.py) and PyTorch; whole step 'xla' vs 'auto'
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ BENCHMARKS = {
     "train_step": ("train_step.py", os.path.join(RESULTS, "train_step.md")),
     "input_pipeline": ("input_pipeline.py", os.path.join(RESULTS, "input_pipeline.md")),
     "remat_memory": ("remat_memory.py", os.path.join(HERE, "remat_memory.md")),
+    "layers": ("layers.py", os.path.join(RESULTS, "layers.md")),
 }
 
 HEADER = """# Benchmark results

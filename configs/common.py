@@ -54,6 +54,10 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     c.seed = 0
     # 'pretrain_finetune' runs everything; 'pretrain' and 'finetune' run one half.
     c.mode = "pretrain_finetune"
+    # TensorBoard event files under <workdir>/tensorboard/<phase> beside metrics.jsonl: every
+    # metric record, the learning rate, throughput, pretext input samples, segmentation overlays
+    # (`tensorboard --logdir <workdir>/tensorboard`).
+    c.tensorboard = True
 
     # --- multi-host ---------------------------------------------------------------------------
     c.distributed = ml_collections.ConfigDict()
@@ -101,6 +105,9 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     c.data.num_test = {"paper": 50, "default": 6, "smoke": 2}[size]  # held-out evaluation cases
     c.data.num_workers = 0  # grain worker processes (0: threads in the main process)
     c.data.num_threads = 2
+    # Batches read and copied to the device ahead of the train step by a background thread, so
+    # that the step never waits for them while the pipeline keeps up (0: read between steps).
+    c.data.prefetch = 2
     # Preprocessed cases kept in memory per process (MiB); 0 re-reads the NIfTI files every epoch.
     c.data.cache_mb = 2048
     c.data.phantom = ml_collections.ConfigDict()
@@ -128,6 +135,13 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     # Recompute each encoder / decoder block's activations in the backward pass instead of
     # storing them (jax.checkpoint): ~1/3 more compute, much less memory, so that 128³ fits.
     c.model.remat = False
+    # How the 3x3x3 convolutions are computed (ssl3d_jax/ops/conv.py; same parameters, same
+    # results up to float summation order): 'auto' picks per layer the formulation XLA:CPU runs
+    # fastest (benchmarks/results/layers.md); 'stacked' / 'wstacked' force one; 'xla' = nnx.Conv.
+    c.model.conv_impl = "auto"
+    # Encoder downsampling: 'max_pool' (the paper) or 'conv' (NOT the paper: nnU-Net-style
+    # stride-2 3x3x3 conv + GroupNorm + ReLU per level, extra parameters pool0, pool1, ...).
+    c.model.downsample = "max_pool"
 
     # --- pretraining ------------------------------------------------------------------------
     c.pretrain = ml_collections.ConfigDict()
@@ -201,4 +215,15 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     c.experiment.splits_dir = config_dict.placeholder(str)
     # config.mode='sweep': the pretext tasks compared (each with its own configs/<task>.py).
     c.experiment.tasks = ("rpl", "rotation", "jigsaw", "cpc", "exemplar")
+
+    # --- pictures (config.mode='visualize', `ssl3d_jax.visualize`) -----------------------------
+    c.visualize = ml_collections.ConfigDict()
+    # Pretext tasks drawn: () the config's own task; ('all',) all five (a task without its section
+    # in this config uses configs/<task>.py's defaults at this size and dimensionality).
+    c.visualize.tasks = ()
+    # Case drawn (pretext inputs and segmentation); None: the first training / predicted case.
+    c.visualize.case = config_dict.placeholder(str)
+    c.visualize.channel = 0  # input channel shown (index into the dataset's channels)
+    c.visualize.seed = 0  # key of the task samples drawn
+    c.visualize.dpi = 80  # PNG pixels = figure inches (ssl3d_jax.visualize.FIGSIZE) x dpi
     return c

@@ -5,7 +5,8 @@ This is the only module that talks to orbax. A checkpoint step folder holds thre
 - `state`: the `TrainState` pytree (params, per-part optimizer states, step, RNG key);
 - `meta`: JSON with the task, library version, input spec (modalities, cube size, normalisation)
   and the full config, so that a checkpoint explains itself;
-- `data`: the grain iterator position, so that a resumed run reads the batches it would have read.
+- `data`: the grain iterator position, so that a resumed run reads the batches it would have read
+  (that of the last batch the loop consumed: `IteratorPosition`, as the loop reads ahead).
 
 Orbax writes each step into a temporary folder (`<step>.orbax-checkpoint-tmp-*`) and renames it
 when complete, so a crash during a save never leaves a half-written step that looks finished, and
@@ -17,6 +18,7 @@ read (a truncated or deleted file), and renames the unreadable folder aside inst
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import sys
@@ -43,6 +45,27 @@ def _handlers() -> dict:
     }
 
 
+class IteratorPosition:
+    """A grain iterator's position (`iterator.get_state()`) taken at one moment, saved in place
+    of the iterator (`Checkpointer.save(data_iter=...)`).
+
+    The training loop reads its batches ahead, in a background thread (`DevicePrefetcher`):
+    the live iterator's position is that of the last batch READ, while a checkpoint of step S
+    must resume with batch S, the one after the last batch CONSUMED. grain's checkpoint handler
+    writes `get_state()` of any object that is not a dataset iterator as text, so this writes
+    the same file as the iterator would have at that moment.
+    """
+
+    def __init__(self, state: dict | bytes):
+        # A snapshot, not a view of a dict the iterator may still change.
+        self.state = state if isinstance(state, bytes) else json.loads(json.dumps(state))
+
+    def get_state(self) -> bytes:
+        if isinstance(self.state, bytes):  # a DataLoader iterator's state is already bytes
+            return self.state
+        return json.dumps(self.state, indent=4).encode()
+
+
 class Checkpointer:
     """A `CheckpointManager` over `directory` with the items above and a keep-N policy."""
 
@@ -63,7 +86,10 @@ class Checkpointer:
         return list(self._mngr.all_steps())
 
     def save(self, step: int, state, meta: dict, data_iter=None) -> None:
-        """Asynchronous save of `state` (and the iterator position) at `step`."""
+        """Asynchronous save of `state` (and the iterator position) at `step`.
+
+        `data_iter`: a grain iterator (its position now is saved) or an `IteratorPosition`.
+        """
         args = {"state": ocp.args.PyTreeSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)

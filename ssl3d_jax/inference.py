@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ssl3d_jax.progress import Progress
+
 BLENDS = ("gaussian", "constant")
 # nnU-Net's Gaussian importance map: sigma = window / 8, floored so that corner voxels covered by
 # a single window keep a usable (non-zero, non-denormal) weight.
@@ -57,6 +59,7 @@ def sliding_window(
     overlap: float = 0.5,
     batch_size: int = 4,
     blend: str = "gaussian",
+    progress: bool = False,
 ) -> np.ndarray:
     """Predicts a whole volume window by window and blends the overlapping outputs.
 
@@ -73,6 +76,8 @@ def sliding_window(
         last window along an axis is flush with the border.
       batch_size: windows per call.
       blend: "gaussian" (centre-weighted, nnU-Net) or "constant" (plain average).
+      progress: a progress bar over the windows (on a terminal; else a log line per ~10 %).
+        Off by default: callers that loop over volumes count volumes instead.
 
     Returns:
       float32 [*spatial, K]: the weighted average of the window outputs covering each voxel
@@ -104,6 +109,7 @@ def sliding_window(
 
     out = None
     norm = np.zeros(padded, np.float32)
+    bar = Progress(len(corners), "sliding window") if progress else None
     for b in range(0, len(corners), batch_size):
         chunk = corners[b : b + batch_size]
         slices = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in chunk]
@@ -122,5 +128,9 @@ def sliding_window(
         for s, p in zip(slices, pred):
             out[s] += p * weight[..., None]
             norm[s] += weight
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     out /= norm[..., None]
     return out[tuple(slice(0, n) for n in spatial)]

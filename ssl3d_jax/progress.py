@@ -40,6 +40,9 @@ class Progress:
       enabled: draw the bar; None: only when stderr is a TTY. Disabled bars log at most one line
         per ~10 % of `total` (logger `ssl3d_jax.progress`, level INFO).
       stream: where an enabled bar draws (default sys.stderr).
+      initial: items already done before this bar started (a resumed run): counted in the
+        position and percentage, not in the rate.
+      unit: what an item is, as shown in the rate ('it/s', 'steps/s', ...).
 
     Usage:
       with Progress(len(cases), "preprocess") as bar:
@@ -55,6 +58,8 @@ class Progress:
         *,
         enabled: bool | None = None,
         stream: TextIO | None = None,
+        initial: int = 0,
+        unit: str = "it",
     ):
         self.total = None if total is None else int(total)
         self.desc = desc
@@ -63,11 +68,13 @@ class Progress:
             isatty = getattr(self.stream, "isatty", None)
             enabled = bool(isatty and isatty())
         self.enabled = enabled
-        self.n = 0
+        self.initial = int(initial)
+        self.unit = unit
+        self.n = self.initial
         self.postfix: dict[str, Any] = {}
         self._start = time.monotonic()
         self._last_draw = 0.0
-        self._last_decile = 0
+        self._last_decile = self._decile()
         self._width = 0
 
     def __enter__(self) -> Progress:
@@ -80,14 +87,15 @@ class Progress:
     def format(self) -> str:
         """The current status line (without carriage return)."""
         elapsed = time.monotonic() - self._start
-        rate = self.n / elapsed if elapsed > 0 else 0.0
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
         parts = [self.desc] if self.desc else []
         if self.total is not None:
             pct = 100.0 * self.n / self.total if self.total else 100.0
             parts.append(f" {self.n}/{self.total} [{pct:.0f}%]")
         else:
             parts.append(f" {self.n}")
-        parts.append(f"{rate:.3g} it/s" if rate >= 0.1 or rate == 0 else f"{1 / rate:.3g} s/it")
+        u = self.unit
+        parts.append(f"{rate:.3g} {u}/s" if rate >= 0.1 or rate == 0 else f"{1 / rate:.3g} s/{u}")
         if self.total is not None and rate > 0 and self.n < self.total:
             parts.append(f"ETA {_fmt_time((self.total - self.n) / rate)}")
         parts += [f"{k}={_fmt_value(v)}" for k, v in self.postfix.items()]
@@ -104,10 +112,13 @@ class Progress:
                 self._draw()
                 self._last_draw = now
         elif self.total:
-            decile = min(10, self.n * 10 // self.total)
+            decile = self._decile()
             if decile > self._last_decile:
                 self._last_decile = decile
                 log.info("%s", self.format().strip())
+
+    def _decile(self) -> int:
+        return min(10, self.n * 10 // self.total) if self.total else 0
 
     def _draw(self) -> None:
         line = self.format()

@@ -1,7 +1,8 @@
 """The main job: pretrain a pretext task, then finetune and evaluate each arm; results.json.
 
 Other modes: 'preprocess' (fill the preprocessed-array cache), 'experiment' and 'sweep' (the
-paper's label-fraction protocol, `ssl3d_jax.experiment`).
+paper's label-fraction protocol, `ssl3d_jax.experiment`), 'visualize' (PNG figures of the tasks'
+inputs, predictions and curves under <workdir>/figures, `ssl3d_jax.visualize`).
 
 `run(config, workdir)` is what `launch/main.py` calls; it is importable for notebooks.
 """
@@ -19,7 +20,15 @@ from ssl3d_jax.train import data as data_lib
 
 log = logging.getLogger(__name__)
 
-MODES = ("pretrain_finetune", "pretrain", "finetune", "preprocess", "experiment", "sweep")
+MODES = (
+    "pretrain_finetune",
+    "pretrain",
+    "finetune",
+    "preprocess",
+    "experiment",
+    "sweep",
+    "visualize",
+)
 
 
 def run(config, workdir: str) -> dict | list | None:
@@ -27,7 +36,7 @@ def run(config, workdir: str) -> dict | list | None:
 
     Returns:
       the results dict when finetuning ran ('pretrain_finetune', 'finetune'); the result rows
-      for 'experiment' and 'sweep'; None otherwise.
+      for 'experiment' and 'sweep'; the written figure paths for 'visualize'; None otherwise.
     """
     # Before anything touches the devices: with several processes, JAX must know them all.
     parallel.initialize_distributed(config.distributed)
@@ -50,6 +59,10 @@ def run(config, workdir: str) -> dict | list | None:
         common.preprocessed_source(config, dataset, dataset.cases, with_label=True)
         log.info("Preprocessed %d cases into %s", len(dataset.cases), common.cache_root(config))
         return None
+    if config.mode == "visualize":
+        from ssl3d_jax import visualize  # matplotlib is imported only for this mode
+
+        return visualize.run(config, workdir, dataset=dataset)
     if not config.task:
         raise ConfigError("config.task is empty: use a task config such as configs/rpl.py")
     if config.mode in ("pretrain_finetune", "pretrain", "experiment"):

@@ -2,7 +2,9 @@
 
 The train-step timing is replaced by fixed rates (compiling two steps would take most of the
 time budget; `step_rates` is the same jitted code that tests/test_train.py exercises), so that
-the "× step" ratio columns are checked against known numbers. Everything else runs for real:
+the "× step" ratio columns are checked against known numbers; likewise the pretraining runs of
+`data_wait` (the real loop's measure is tested in tests/test_prefetch.py), so that the rows per
+prefetch depth are checked against known figures. Everything else runs for real:
 phantom NIfTI, decode + preprocess, the disk cache, grain, and the memory child processes.
 """
 
@@ -44,11 +46,31 @@ FAKE_RATES = {
 }
 
 
+def fake_data_wait(size, root, cache_dir, workdir, *, steps, prefetch):
+    fraction = 0.01 if prefetch else 0.2
+    return {
+        "prefetch": prefetch,
+        "steps": steps,
+        "log_every": 1,
+        "checkpoint_every": 250,
+        "load_average_before": [1.0, 1.0, 1.0],
+        "load_average_after": [1.5, 1.0, 1.0],
+        "num_workers": 0,
+        "num_threads": 2,
+        "batch": 8,
+        "wall_s": 1.0,
+        "windows": [{"step": 1, "data_wait_fraction": fraction, "steps_per_sec": 10.0}],
+        "steady_data_wait_fraction": fraction,
+        "steady_steps_per_sec": 10.0,
+    }
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("ip")
     mp = pytest.MonkeyPatch()
     mp.setattr(input_pipeline, "step_rates", lambda *a, **k: FAKE_RATES)
+    mp.setattr(input_pipeline, "data_wait", fake_data_wait)
     try:
         res = input_pipeline.main(
             [
@@ -57,7 +79,8 @@ def result(tmp_path_factory):
                 "--shape=28,30,26",
                 "--workers=0",
                 "--batches=2",
-                "--steps=0",
+                "--steps=5",
+                "--prefetch=2,0",
                 "--step-repeats=1",
                 "--brats-cases=0",
                 "--memory-factor=2",
@@ -112,3 +135,16 @@ def test_memory_rows(result):
     assert 0 < small["maxrss_before_mb"] <= small["maxrss_mb"]
     assert mem["growth_mb"] == pytest.approx(big["maxrss_mb"] - small["maxrss_mb"], abs=0.11)
     assert f"{big['cases']} cases {big['maxrss_mb']} MB" in (out / "input_pipeline.md").read_text()
+
+
+def test_data_wait_row_per_prefetch_depth(result):
+    res, out = result
+    rows = res["data_wait"]
+    assert [(r["prefetch"], r["default"], r["steps"]) for r in rows] == [
+        (2, True, 5),
+        (0, False, 5),
+    ]
+    md = (out / "input_pipeline.md").read_text()
+    assert "`config.data.prefetch=2` (the config's default)" in md
+    assert "logged `data_wait_fraction` **1.00%**" in md
+    assert "`config.data.prefetch=0` (`run" in md and "**20.00%**" in md

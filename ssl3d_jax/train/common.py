@@ -21,6 +21,10 @@ from ssl3d_jax.train.data import write_json
 
 log = logging.getLogger(__name__)
 
+# Device prefetch depth of `fit` for iterators without `device_prefetch` (`train_iterator`'s
+# carry `config.data.prefetch`).
+DEFAULT_PREFETCH = 2
+
 
 def make_preprocess(config, dataset, *, keep_geometry: bool = False) -> preprocess.Preprocess:
     d = config.data
@@ -112,6 +116,9 @@ def train_iterator(config, dataset, cases, *, batch_size: int, with_label: bool,
     Volumes: preprocessed `[S, S, S, C]` (random S³ crops with `resize_mode='none'`); 2D
     (`config.data.spatial_dims == 2`): their axial slices `[S, S, C]`; image datasets: images
     `[S, S, 3]` with their grade as `target`.
+
+    The iterator carries `device_prefetch` (`config.data.prefetch`), the depth of the device
+    prefetch that `fit` gives `train_loop`.
     """
     per_process, index, count = parallel.process_share(batch_size)
     transform = None
@@ -139,6 +146,11 @@ def train_iterator(config, dataset, cases, *, batch_size: int, with_label: bool,
             raise ConfigError(
                 f"config.data.spatial_dims={config.data.spatial_dims}: expected 2 or 3"
             )
+    prefetch = config.data.prefetch
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ConfigError(
+            f"config.data.prefetch={prefetch!r}: expected a whole number of batches >= 0"
+        )
     ds = pipeline.make_train_dataset(
         source,
         transform,
@@ -149,7 +161,10 @@ def train_iterator(config, dataset, cases, *, batch_size: int, with_label: bool,
         shard_index=index,
         shard_count=count,
     )
-    return iter(ds)
+    it = iter(ds)
+    # Read by `fit`: how many batches `train_loop` puts on the device ahead of the step.
+    it.device_prefetch = prefetch
+    return it
 
 
 def batch_putter(mesh, keys: tuple[str, ...]):
@@ -223,12 +238,15 @@ def fit(
     mesh,
     probes: tuple = (),
     case_names: list[str] | None = None,
+    tensorboard: bool = False,
 ):
     """`loop.train_loop` with the settings of `cfg` (`config.pretrain` or `config.finetune`),
     checkpointing into `ckpt` and closing the data iterator (its worker processes) at the end.
+    Batches are put on the device `batches.device_prefetch` steps ahead (`train_iterator`).
 
     `case_names`: the names of the cases that `batches` reads, in source order (what a record's
     `case_index` indexes), so that a non-finite loss names the cases of its batch.
+    `tensorboard`: also write every record to TensorBoard (`config.tensorboard`).
     """
     try:
         return loop.train_loop(
@@ -238,7 +256,11 @@ def fit(
             batches=batches,
             put_batch=batch_putter(mesh, keys),
             num_steps=cfg.num_steps,
-            writer=loop.MetricWriter(os.path.join(workdir, "metrics.jsonl")),
+            writer=loop.MetricWriter(
+                os.path.join(workdir, "metrics.jsonl"),
+                tensorboard=tensorboard,
+                batch_size=cfg.batch_size,
+            ),
             log_every=cfg.log_every,
             checkpointer=ckpt,
             checkpoint_every=cfg.checkpoint_every,
@@ -246,6 +268,7 @@ def fit(
             data_iter=batches,
             probes=probes,
             describe_batch=describe_cases(case_names),
+            prefetch=getattr(batches, "device_prefetch", DEFAULT_PREFETCH),
         )
     finally:
         close = getattr(batches, "close", None)

@@ -28,12 +28,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ssl3d_jax import inference, losses, metrics, parallel
+from ssl3d_jax import inference, losses, metrics, parallel, tensorboard
 from ssl3d_jax.checkpoint import Checkpointer, restore_encoder
 from ssl3d_jax.data import datasets, export, slices
 from ssl3d_jax.errors import CheckpointError
 from ssl3d_jax.models.probes import VoxelLinearProbe
 from ssl3d_jax.models.unet import SegmentationModel
+from ssl3d_jax.progress import Progress
 from ssl3d_jax.tasks import encoder_config
 from ssl3d_jax.train import common
 from ssl3d_jax.train import data as data_lib
@@ -206,15 +207,36 @@ def run(
         meta=meta,
         mesh=mesh,
         case_names=[c.name for c in labeled],
+        tensorboard=bool(config.get("tensorboard", False)),
     )
 
     test = data_lib.select(dataset.cases, splits["test"])
     out_dir = os.path.join(arm_dir, "predictions") if cfg.save_predictions else None
-    per_case = evaluate(config, dataset, graphdef, state.params, test, out_dir=out_dir)
-    summary = {
-        k: float(np.nanmean([d[k] for d in per_case.values()]))
-        for k in next(iter(per_case.values()))
-    }
+    # Opened after training: an event file that sorts before the training loop's (which purges
+    # the steps after a resume) would have its later steps hidden by that purge.
+    lr = cfg.probe_learning_rate if arm == "probe" else cfg.learning_rate
+    tb = open_tensorboard(config, workdir, phase, learning_rate=lr)
+    try:
+        per_case = evaluate(
+            config,
+            dataset,
+            graphdef,
+            state.params,
+            test,
+            out_dir=out_dir,
+            tb=tb,
+            tb_step=cfg.num_steps,
+            phase=phase,
+        )
+        summary = {
+            k: float(np.nanmean([d[k] for d in per_case.values()]))
+            for k in next(iter(per_case.values()))
+        }
+        if tb is not None:
+            tb.scalars(dict(summary, phase=f"{phase}/test", step=cfg.num_steps))
+    finally:
+        if tb is not None:
+            tb.close()
     dice_mean = {r: summary[r] for r, _ in dataset.regions}
     log.info(
         "[%s] test (%d cases): %s",
@@ -234,6 +256,22 @@ def run(
         "restored_tensors": len(restored["loaded"]) if restored else 0,
         "predictions": out_dir,
     }
+
+
+def open_tensorboard(config, workdir: str, phase: str, *, learning_rate: float):
+    """The phase's TensorBoard writer (None when `config.tensorboard` is off or on processes
+    other than 0), with the learning rate logged at step 0 (constant: no schedule)."""
+    if not config.get("tensorboard", False):
+        return None
+    tb = tensorboard.Writer(tensorboard.folder(workdir, phase))
+    if not tb.enabled:
+        return None
+    tb.scalars({"phase": phase, "step": 0, "learning_rate": float(learning_rate)})
+    return tb
+
+
+# Test cases shown as segmentation overlays in TensorBoard (the first ones, in split order).
+NUM_OVERLAYS = 2
 
 
 def make_predictor(config, graphdef):
@@ -271,13 +309,26 @@ def predict_volume(config, predict, params, volume: np.ndarray) -> np.ndarray:
     return np.argmax(probs, axis=-1).astype(np.int32)
 
 
-def evaluate(config, dataset, graphdef, params, cases, *, out_dir: str | None = None) -> dict:
+def evaluate(
+    config,
+    dataset,
+    graphdef,
+    params,
+    cases,
+    *,
+    out_dir: str | None = None,
+    tb: tensorboard.Writer | None = None,
+    tb_step: int = 0,
+    phase: str = "finetune",
+) -> dict:
     """Per-case scores of each evaluation region, in each scan's own voxel grid.
 
     The prediction on the preprocessed volume is mapped back through the preprocessing
     (fitting, crop, resampling) to the scan's grid and scored against the label file as loaded;
     with `out_dir` it is also written there as `<case>_pred.nii.gz` with the scan's shape and
-    affine.
+    affine. With `tb`, the first `NUM_OVERLAYS` cases are shown as `<phase>/overlay/<case>` at
+    `tb_step`: the axial slice with the most true foreground, plain / true / predicted labels.
+    A progress bar counts the cases (on a terminal; else a log line per ~10 %).
 
     Returns:
       {case_name: {region: Dice, ...(, 'HD95 <region>': mm)}}.
@@ -290,6 +341,7 @@ def evaluate(config, dataset, graphdef, params, cases, *, out_dir: str | None = 
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     out = {}
+    bar = Progress(len(cases), f"evaluate {phase}")
     for i, case in enumerate(cases):
         raw = source[i]
         rec = prep.map(raw)
@@ -310,6 +362,17 @@ def evaluate(config, dataset, graphdef, params, cases, *, out_dir: str | None = 
             hd = metrics.region_hd95(pred, raw["label"], dataset.regions, spacing=spacing)
             scores.update({f"HD95 {k}": v for k, v in hd.items()})
         out[case.name] = scores
+        bar.update(**{k: v for k, v in list(scores.items())[:1]})
+        if tb is not None and i < NUM_OVERLAYS:
+            label = np.asarray(raw["label"])
+            z = tensorboard.best_slice(label, axis=slices.AXIAL_AXIS)
+            image = np.take(np.asarray(raw["image"])[..., 0], z, axis=slices.AXIAL_AXIS)
+            picture = tensorboard.overlay(
+                image,
+                np.take(label, z, axis=slices.AXIAL_AXIS),
+                np.take(pred, z, axis=slices.AXIAL_AXIS),
+            )
+            tb.image(f"{phase}/overlay/{case.name}", picture, tb_step)
         if out_dir:
             export.save_prediction(
                 pred,
@@ -317,4 +380,5 @@ def evaluate(config, dataset, graphdef, params, cases, *, out_dir: str | None = 
                 os.path.join(out_dir, f"{case.name}_pred.nii.gz"),
                 label_values=dataset.label_values,
             )
+    bar.close()
     return out

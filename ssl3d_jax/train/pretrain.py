@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ssl3d_jax import parallel, probes, tasks
+from ssl3d_jax import parallel, probes, tasks, tensorboard
 from ssl3d_jax.checkpoint import Checkpointer
 from ssl3d_jax.data import datasets, slices
 from ssl3d_jax.errors import CheckpointError
@@ -79,6 +79,8 @@ def run(config, workdir: str, dataset, cases: list, *, mesh=None) -> str:
         if latest is not None:
             log.info("Resuming pretraining from step %d in %s", latest, ckpt_dir)
             state = restored
+        if config.get("tensorboard", False):
+            log_start(config, dataset, cases, workdir, start=latest or 0)
 
         def loss_fn(model, batch, key):
             return task.loss(model, batch["image"], key)
@@ -100,8 +102,46 @@ def run(config, workdir: str, dataset, cases: list, *, mesh=None) -> str:
             mesh=mesh,
             probes=() if knn is None else (("knn", cfg.knn_every, knn),),
             case_names=[c.name for c in cases],
+            tensorboard=bool(config.get("tensorboard", False)),
         )
     return ckpt_dir
+
+
+def log_start(config, dataset, cases, workdir: str, *, start: int) -> None:
+    """TensorBoard (process 0): the learning rate at step `start` (constant: no schedule), and on a
+    fresh run a montage of the first training batch's inputs (`pretrain/inputs` at step 0: the
+    middle axial slice of each volume, one row per sample, one column per channel).
+
+    The batch is drawn by a second iterator with the same seed (the training one cannot be peeked
+    at without moving the position its checkpoints store), in threads rather than processes.
+    """
+    writer = tensorboard.Writer(tensorboard.folder(workdir, "pretrain"))
+    if not writer.enabled:
+        return
+    try:
+        cfg = config.pretrain
+        writer.scalars({"phase": "pretrain", "step": start, "learning_rate": cfg.learning_rate})
+        if start:
+            return
+        sample_config = config.copy_and_resolve_references()
+        sample_config.data.num_workers = 0
+        it = common.train_iterator(
+            sample_config,
+            dataset,
+            cases,
+            batch_size=cfg.batch_size,
+            with_label=False,
+            seed=config.seed,
+        )
+        try:
+            batch = next(it)
+        finally:
+            _close(it)
+        dims = config.data.spatial_dims
+        grid = tensorboard.montage(tensorboard.mid_slices(batch["image"], spatial_dims=dims))
+        writer.image("pretrain/inputs", grid, 0)
+    finally:
+        writer.close()
 
 
 def _close(batches) -> None:

@@ -1,0 +1,413 @@
+"""Per-layer and whole-step timings of the U-Net's layers on CPU, before / after the fast paths.
+
+Why (issue 6, item 2): to find where the default segmentation and RPL train steps spend their
+time, per layer kind and shape, and to decide which exact reformulation of a layer to adopt. For
+every 3x3x3 convolution shape the models really see (derived from `configs/rpl.py:<size>` and the
+U-Net's structure: the finetuning segmentation model on `finetune.batch_size x data.size³`, the
+RPL encoder on `2 x pretrain.batch_size` patches) it times, as jitted functions, the forward pass,
+the input gradient (dX) and the kernel gradient (dW) of `ssl3d_jax.ops.conv.conv3_xla`
+(`lax.conv_general_dilated`, what `nnx.Conv` runs), of `conv3_stacked` (shifted copies stacked
+along channels + matmuls, custom VJP) and of `conv3_wstacked` (last-axis shifts stacked + one
+3x3x1 conv); then GroupNorm + ReLU, `max_pool2` and `UpConv2` forward
+and forward + backward; then the whole train step (built as benchmarks/train_step.py builds it)
+with `config.model.conv_impl = 'xla'` and `'auto'`.
+
+A and B are interleaved in the same process (round-robin over the variants, median of
+`--repeats` rounds) because other processes share the cores; each cell also gives the process
+CPU time (all threads), which contention distorts less than the wall time.
+
+Run:
+    python benchmarks/layers.py                       # default size -> benchmarks/results/layers
+    python benchmarks/layers.py --repeats=3 --out=/tmp/layers --no-steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
+import step_flops  # noqa: E402
+
+from ssl3d_jax.models.layers import UpConv2, max_pool2  # noqa: E402
+from ssl3d_jax.ops.conv import auto_impl, conv3_stacked, conv3_wstacked, conv3_xla  # noqa: E402
+from ssl3d_jax.ops.patches import patch_shape  # noqa: E402
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+IN_CHANNELS = step_flops.DATASETS["brats"][0]
+
+
+VARIANTS = {"xla": conv3_xla, "stacked": conv3_stacked, "wstacked": conv3_wstacked}
+
+
+def _ceil_halves(s: int, n: int) -> list[int]:
+    out = [s]
+    for _ in range(n):
+        out.append((out[-1] + 1) // 2)
+    return out
+
+
+def conv_shapes(size: str) -> list[dict]:
+    """Every ConvBlock convolution (batch, side, cin, cout, model) of the default models."""
+    config = step_flops.load_config("rpl", size)
+    f, bottom = tuple(config.model.filters), int(config.model.bottom_filters)
+    rows = []
+    seg_b, seg_s = int(config.finetune.batch_size), int(config.data.size)
+    rpl_b = 2 * int(config.pretrain.batch_size)
+    s0 = int(config.data.size)
+    rpl_s = patch_shape(
+        (s0, s0, s0, IN_CHANNELS),
+        patches_per_side=int(config.rpl.patches_per_side),
+        jitter=int(config.rpl.jitter),
+    )[0]
+    for model, b, s in (("segmentation", seg_b, seg_s), ("rpl", rpl_b, rpl_s)):
+        sides = _ceil_halves(s, len(f))
+        cin = IN_CHANNELS
+        for i, c in enumerate(f):  # encoder
+            rows += [(model, "enc", b, sides[i], cin, c), (model, "enc", b, sides[i], c, c)]
+            cin = c
+        rows += [
+            (model, "bottom", b, sides[-1], cin, bottom),
+            (model, "bottom", b, sides[-1], bottom, bottom),
+        ]
+        if model == "segmentation":
+            for i in reversed(range(len(f))):
+                rows += [
+                    (model, "dec", b, sides[i], 2 * f[i], f[i]),
+                    (model, "dec", b, sides[i], f[i], f[i]),
+                ]
+    return [dict(model=m, part=p, batch=b, side=s, cin=ci, cout=co) for m, p, b, s, ci, co in rows]
+
+
+def _once(fn, *args):
+    t, c = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def interleaved(fns: dict, args: tuple, repeats: int) -> dict:
+    """{name: (median wall s, median cpu s)} over `repeats` round-robin rounds after a warm-up."""
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    samples = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            samples[k].append(_once(fn, *args))
+    return {
+        k: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
+        for k, v in samples.items()
+    }
+
+
+def _conv_fns(impl, dy):
+    fwd = jax.jit(impl)
+    dx = jax.jit(lambda x, w: jax.vjp(lambda x: impl(x, w), x)[1](dy)[0])
+    dw = jax.jit(lambda x, w: jax.vjp(lambda w: impl(x, w), w)[1](dy)[0])
+    return {"fwd": fwd, "dX": dx, "dW": dw}
+
+
+def time_torch_conv(b: int, s: int, ci: int, co: int, repeats: int) -> dict:
+    """PyTorch (optional) Conv3d, channels_last_3d, 2 threads: forward, forward + backward."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    torch.set_num_threads(os.cpu_count() or 1)
+    fmt = torch.channels_last_3d
+    x = torch.randn(b, ci, s, s, s).to(memory_format=fmt).requires_grad_(True)
+    conv = torch.nn.Conv3d(ci, co, 3, padding=1, bias=False).to(memory_format=fmt)
+
+    def fwd():
+        with torch.no_grad():
+            conv(x)
+
+    def both():
+        y = conv(x)
+        y.backward(torch.ones_like(y))
+
+    fns = {"torch/fwd": fwd, "torch/fwd+bwd": both}
+    for fn in fns.values():
+        fn()
+    samples = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            samples[k].append((time.perf_counter() - t, time.process_time() - c))
+    return {
+        k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+        for k, v in samples.items()
+    }
+
+
+def time_convs(size: str, repeats: int) -> list[dict]:
+    out = []
+    for row in conv_shapes(size):
+        b, s, ci, co = row["batch"], row["side"], row["cin"], row["cout"]
+        x = jax.random.normal(jax.random.key(0), (b, s, s, s, ci))
+        w = jax.random.normal(jax.random.key(1), (3, 3, 3, ci, co)) * 0.1
+        dy = jnp.ones((b, s, s, s, co))
+        fns = {}
+        for name, impl in VARIANTS.items():
+            for part, fn in _conv_fns(impl, dy).items():
+                fns[f"{name}/{part}"] = fn
+        t = interleaved(fns, (x, w), repeats)
+        gflop = 2 * 27 * ci * co * b * s**3 / 1e9
+        t.update(time_torch_conv(b, s, ci, co, repeats))
+        out.append({**row, "gflop": gflop, "auto": auto_impl(x.shape), "times": t})
+        print(_conv_line(out[-1]), flush=True)
+    return out
+
+
+def _conv_line(r: dict) -> str:
+    t = r["times"]
+    cells = " | ".join(
+        f"{t[f'{v}/{p}'][0] * 1e3:.2f}" for v in VARIANTS for p in ("fwd", "dX", "dW")
+    )
+    best = sum(min(t[f"{v}/{p}"][0] for v in VARIANTS) for p in ("fwd", "dX", "dW"))
+    plain = sum(t[f"xla/{p}"][0] for p in ("fwd", "dX", "dW"))
+    torch_cells = " | ".join(
+        f"{t[k][0] * 1e3:.2f}" if k in t else "–" for k in ("torch/fwd", "torch/fwd+bwd")
+    )
+    cells += f" | {plain * 1e3:.2f} | {best * 1e3:.2f} | {torch_cells}"
+    return (
+        f"| {r['model']} | {r['part']} | {r['batch']}x{r['side']}³ | {r['cin']}→{r['cout']} | "
+        f"{r['gflop']:.3f} | {cells} | {r['auto']} |"
+    )
+
+
+def time_other(size: str, repeats: int) -> list[dict]:
+    """GroupNorm + ReLU, max_pool2 and UpConv2 at the segmentation model's shapes."""
+    config = step_flops.load_config("rpl", size)
+    f, bottom = tuple(config.model.filters), int(config.model.bottom_filters)
+    b, s = int(config.finetune.batch_size), int(config.data.size)
+    sides = _ceil_halves(s, len(f))
+    rows = []
+    for i, c in enumerate(f):
+        x = jax.random.normal(jax.random.key(0), (b, sides[i], sides[i], sides[i], c))
+        gn = nnx.GroupNorm(c, num_groups=min(8, c), rngs=nnx.Rngs(0))
+        up_in = f[i + 1] if i + 1 < len(f) else bottom
+        up = UpConv2(up_in, c, rngs=nnx.Rngs(0))
+        xu = jax.random.normal(
+            jax.random.key(0), (b, sides[i + 1], sides[i + 1], sides[i + 1], up_in)
+        )
+        cases = {
+            f"groupnorm+relu {b}x{sides[i]}³x{c}": (lambda x, gn=gn: nnx.relu(gn(x)), x),
+            f"max_pool2 {b}x{sides[i]}³x{c}": (max_pool2, x),
+            f"UpConv2 {b}x{sides[i + 1]}³x{up_in}→{c}": (lambda x, up=up: up(x), xu),
+        }
+        for name, (fn, arg) in cases.items():
+            fwd = jax.jit(fn)
+            both = jax.jit(lambda x, fn=fn: jax.grad(lambda x: jnp.sum(fn(x) ** 2))(x))
+            t = interleaved({"fwd": fwd, "fwd+bwd": both}, (arg,), repeats)
+            rows.append({"layer": name, "times": t})
+            print(f"| {name} | {t['fwd'][0] * 1e3:.2f} | {t['fwd+bwd'][0] * 1e3:.2f} |", flush=True)
+    return rows
+
+
+def time_steps(size: str, repeats: int) -> list[dict]:
+    """Whole train steps (segmentation finetuning, RPL pretraining), conv_impl 'xla' vs 'auto'."""
+    import train_step
+
+    from ssl3d_jax import parallel, tasks
+    from ssl3d_jax.tasks import rpl as rpl_task
+    from ssl3d_jax.train import finetune
+
+    # tasks.encoder_config does not (yet) read config.model.conv_impl: wrap it here.
+    base = tasks.encoder_config
+
+    def with_impl(config):
+        return {**base(config), "conv_impl": config.model.get("conv_impl", "auto")}
+
+    finetune.encoder_config = rpl_task.encoder_config = with_impl
+    mesh = parallel.make_mesh()
+    rows = []
+    for kind in ("finetune/full", "pretext/rpl"):
+        steps = {}
+        for impl in ("xla", "auto"):
+            spec = train_step.step_spec(kind, size)
+            spec["config"].model.conv_impl = impl
+            if kind == "pretext/rpl":
+                task = tasks.get_task(spec["config"], in_channels=IN_CHANNELS)
+                spec["build"] = task.build_model
+                spec["loss_fn"] = lambda m, b, k, task=task: task.loss(m, b["image"], k)
+            else:
+                spec["build"] = finetune.build_model(
+                    spec["config"], in_channels=IN_CHANNELS, num_classes=4, arm="scratch"
+                )
+            step, state, batch = train_step.build_step(spec, mesh)
+            compiled = step.lower(state, batch).compile()
+            state, _ = compiled(state, batch)
+            steps[impl] = [compiled, state, batch]
+        samples = {k: [] for k in steps}
+        for _ in range(repeats):
+            for impl, s in steps.items():
+                t, c = time.perf_counter(), time.process_time()
+                s[1], metrics = s[0](s[1], s[2])
+                jax.block_until_ready(metrics)
+                samples[impl].append((time.perf_counter() - t, time.process_time() - c))
+        t = {
+            k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+            for k, v in samples.items()
+        }
+        rows.append({"kind": kind, "times": t})
+        print(_step_line(rows[-1]), flush=True)
+    return rows
+
+
+NOTES = """
+## What was adopted, what was tried and did not help, what bounds us
+
+Adopted (`config.model.conv_impl='auto'`, ssl3d_jax/ops/conv.py; exact, same parameters; tests:
+tests/test_fast_layers.py):
+
+* feature maps of <= 16³ voxels: `stacked`, the 9 (H, W) shifts of the padded input stacked
+  along channels, then 3 matmuls over the D taps; custom VJP (dX = the same on the cotangent with
+  the flipped, transposed kernel; dW = 3 matmuls contracting over every voxel). XLA:CPU's
+  convolution has a large fixed cost at these sizes: 2-10x per layer, mostly on dW.
+* larger maps: `wstacked`, XLA's convolution forward (the 9-shift matmuls when Cin <= 4), and
+  the gradients of the equivalent
+  "3 W-shifts stacked along channels + one 3x3x1 conv": dX 2-3x and dW 10-30 % faster than the
+  plain convolution's (the stacked forward was not faster, so the plain forward is kept).
+* `config.model.downsample='conv'` (not the paper; default 'max_pool'): nnU-Net-style stride-2
+  conv + GroupNorm + ReLU per level, the conv computed as space-to-depth + a stride-1 2x2x2 conv
+  (`conv3_s2`), which avoids XLA's ~1 GFLOP/s stride-2 dX (cpu_measurements.md section 3).
+
+Tried, not adopted (interleaved A/B on the same loaded 2-core machine, 2026-11-26):
+
+* full im2col (27 shifts stacked, one matmul, plain autodiff): at 2x40³ 8->8 and 16->8 it was
+  1.2-1.8x SLOWER than XLA's conv forward and dX (the [N, 27 C] buffer is memory-bound);
+  the partial (9-shift) `stacked` dominates it at every size.
+* 9 (H, W) shifts + one 3x1x1 conv (plain autodiff): dX as fast as `wstacked` but fwd and dW
+  1.3-1.4x slower than XLA's at 40³.
+* `stacked` on the 20³ and 40³ maps: forward up to 2.8x faster when Cin = 4 (first layer), but
+  fwd and dW up to 1.2-1.6x slower for Cin >= 8 at 40³, so the 16³ threshold.
+* custom VJP for `max_pool2` (cotangent scattered through an `x == repeated max` mask):
+  2.5 -> 1.1 ms at 2x40³x8 (fwd+bwd, loaded machine), i.e. ~1 ms of a ~1 s step, and it would
+  send the cotangent to EVERY tied maximum instead of one; not adopted. GroupNorm + ReLU
+  fwd+bwd is <= 2 ms per layer (table below): a fused one-pass custom VJP cannot buy more than
+  ~1 % of the step.
+* XLA flags: measured not to help in cpu_measurements.md; not repeated.
+
+What bounds us (run of 2026-11-26 03:28, load ~1-2, table below): the 2x40³ and 2x20³
+convolutions (Cin, Cout <= 16) cost 1.09 s of the 1.19 s that all the segmentation model's
+convolutions take (XLA, fwd + dX + dW summed per layer). There XLA:CPU's convolution runs at
+3-10 GFLOP/s (2x40³ 8->8: forward 46 ms = 9.7 GFLOP/s, dW 133 ms = 3.3 GFLOP/s), while
+PyTorch/oneDNN does the same layer's forward in 4.1 ms (109 GFLOP/s) and forward + backward in
+13 ms against XLA's 224 ms: 11-17x per layer. The stacked formulations swap XLA convolutions for
+matmuls, but a matmul with 8-16 output channels is memory-bound itself (far from the ~180
+GFLOP/s of a square f32 matmul), so the best formulation per part ("best-of sum") is still
+~12x behind oneDNN on these layers. Closing that gap needs a better 3D convolution kernel in
+XLA:CPU (its oneDNN / XNNPACK flags did not help, cpu_measurements.md), not a reformulation
+in JAX. Per part, `auto` also runs the first layer's
+forward (Cin <= 4) at 40³ with the 9-shift matmuls (24 vs 67 ms); the remaining gap to the
+best-of sum is the 20³/40³ forward with Cin >= 8, where no variant beat XLA consistently.
+"""
+
+
+def _step_line(r: dict) -> str:
+    t = r["times"]
+    return (
+        f"| {r['kind']} | {t['xla'][0]:.4f} ({t['xla'][1]:.4f}) | "
+        f"{t['auto'][0]:.4f} ({t['auto'][1]:.4f}) | {t['xla'][0] / t['auto'][0]:.2f}× |"
+    )
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Per-layer and whole-step timings (benchmarks/layers.py)",
+        "",
+        f"{report['date']}; machine: {report['machine']}; load average at start "
+        f"{report['load']}. Wall ms, median of {report['repeats']} interleaved rounds.",
+        "",
+    ]
+    if report.get("steps"):
+        lines += [
+            "## Whole train step, s (process CPU s in brackets)",
+            "",
+            report.get("steps_note", "Built as benchmarks/train_step.py builds it; interleaved."),
+            "",
+            "| step | conv_impl='xla' (before) | 'auto' (after) | speed-up |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [_step_line(r) for r in report["steps"]]
+        lines.append("")
+    lines += [
+        "## 3x3x3 SAME convolutions, ms",
+        "",
+        "| model | part | input | channels | GFLOP fwd | xla fwd | xla dX | xla dW | stacked fwd "
+        "| stacked dX | stacked dW | wstacked fwd | wstacked dX | wstacked dW | xla sum "
+        "| best-of sum | torch fwd | torch fwd+bwd | auto picks |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    lines += [_conv_line(r) for r in report["convs"]]
+    lines += [
+        "",
+        "fwd / dX / dW: jitted forward, input-gradient and kernel-gradient (vjp) functions. "
+        "'wstacked fwd' is XLA's convolution (its custom VJP only changes the gradients). "
+        "xla sum = xla fwd + dX + dW; best-of sum = the fastest variant per part. torch: "
+        "`nn.Conv3d` (no bias, channels_last_3d, all cores), fwd under no_grad and fwd + "
+        "backward. 'auto picks' = what `conv_impl='auto'` runs for that layer.",
+    ]
+    lines.append(NOTES)
+    if report.get("other"):
+        lines += [
+            "",
+            "## Other layers (segmentation shapes), ms",
+            "",
+            "| layer | fwd | fwd+bwd |",
+            "|---|---:|---:|",
+        ]
+        for r in report["other"]:
+            t = r["times"]
+            lines.append(
+                f"| {r['layer']} | {t['fwd'][0] * 1e3:.2f} | {t['fwd+bwd'][0] * 1e3:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="default")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for layers.{json,md}")
+    p.add_argument("--steps", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--other", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--convs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--render", default="", help="only re-render <out>/layers.md from this JSON")
+    a = p.parse_args(argv)
+    if a.render:
+        with open(a.render) as f:
+            report = json.load(f)
+        common.write_results(a.out, "layers", report, markdown(report))
+        return report
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{common.cpu_name()}, {os.cpu_count()} cores, {platform.platform()}, "
+        f"jax {jax.__version__}",
+        "load": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "repeats": a.repeats,
+        "size": a.size,
+    }
+    report["steps"] = time_steps(a.size, a.repeats) if a.steps else []
+    report["convs"] = time_convs(a.size, a.repeats) if a.convs else []
+    report["other"] = time_other(a.size, a.repeats) if a.other else []
+    common.write_results(a.out, "layers", report, markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""CPC `make_batch` as one fused gather per volume (`ssl3d_jax.tasks.cpc`) against the step-wise
+implementation it replaced (whole-volume `random_crop_pad` -> `extract_grid` -> per-patch
+`augment_patch`, kept here as the reference): bit-identical patches for the same key, 3D and 2D,
+with and without flips, crops, jitter and training; odd sizes; several dtypes."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssl3d_jax.ops.patches import extract_grid
+from ssl3d_jax.tasks import cpc
+
+
+def _reference(volumes, key, *, patches_per_side, jitter, volume_crop, patch_crop, flip, training):
+    """The step-wise `make_batch` before the fused gather (verbatim in substance)."""
+
+    def one(volume, k):
+        k_vol, k_grid, k_patch = jax.random.split(k, 3)
+        if training:
+            crop = tuple(max(int(s * volume_crop), 1) for s in volume.shape[:-1])
+            volume = cpc.random_crop_pad(volume, k_vol, crop_shape=crop)
+        patches = extract_grid(
+            volume, k_grid, patches_per_side=patches_per_side, jitter=jitter, training=training
+        )
+        if training:
+            keys = jax.random.split(k_patch, patches.shape[0])
+
+            def aug(x, kk):
+                return cpc.augment_patch(x, kk, patch_crop=patch_crop, flip=flip)
+
+            patches = jax.vmap(aug)(patches, keys)
+        return patches
+
+    return jax.vmap(one)(volumes, jax.random.split(key, volumes.shape[0]))
+
+
+@functools.cache
+def _pair(**kw):
+    kw = dict(kw)
+    return (
+        jax.jit(functools.partial(cpc.make_batch, **kw)),
+        jax.jit(functools.partial(_reference, **kw)),
+    )
+
+
+# (spatial shape, P, jitter, volume_crop, patch_crop, flip, training, dtype)
+CASES = [
+    ((16, 16, 16), 4, 0, 0.95, 7 / 8, True, True, "float32"),  # the paper's 3D setting, scaled
+    ((17, 13, 15), 3, 1, 0.8, 0.6, True, True, "bfloat16"),  # odd, non-cubic, jitter, big crops
+    ((16, 16, 16), 4, 1, 0.95, 7 / 8, True, False, "float32"),  # validation: no augmentation
+    ((13, 12, 12), 2, 2, 1.0, 0.5, True, True, "float32"),  # patch crop only
+    ((20, 20), 5, 0, 1.0, 11 / 12, False, True, "float32"),  # the paper's 2D setting, scaled
+    ((21, 18), 4, 1, 0.7, 0.75, True, True, "int8"),  # 2D with flip and both crops
+]
+
+
+def _ids(case) -> str:
+    return "x".join(map(str, case[0])) + f"-P{case[1]}-{'train' if case[6] else 'eval'}-{case[7]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_fused_make_batch_is_bit_identical_to_the_stepwise_version(case):
+    spatial, p, j, vc, pc, flip, training, dtype = case
+    ours, ref = _pair(
+        patches_per_side=p,
+        jitter=j,
+        volume_crop=vc,
+        patch_crop=pc,
+        flip=flip,
+        training=training,
+    )
+    # Values != 0 everywhere, so a zero in the output can only come from the padding.
+    x = np.random.default_rng(p).integers(1, 100, (3, *spatial, 2))
+    x = jnp.asarray(x * np.where(np.random.default_rng(j).random(x.shape) < 0.5, -1, 1), dtype)
+    for seed in (0, 1, 2):
+        got, want = ours(x, jax.random.key(seed)), ref(x, jax.random.key(seed))
+        assert got.shape == want.shape and got.dtype == want.dtype == x.dtype
+        got, want = np.asarray(got), np.asarray(want)
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))  # the raw bits
+    if training and (vc < 1 or pc < 1):
+        assert (got == 0).any()  # the padding is exercised
+    if training and flip:
+        assert (got != want[:, :, ::-1]).any()  # nothing trivially symmetric hides a bug
