@@ -55,9 +55,7 @@ def encoder_config(config) -> dict:
     conv_impl = check_conv_impl(m.get("conv_impl", "auto"))
     downsample = m.get("downsample", "max_pool")
     if downsample not in DOWNSAMPLES:
-        raise ConfigError(
-            f"config.model.downsample={downsample!r}: expected one of {DOWNSAMPLES}."
-        )
+        raise ConfigError(f"config.model.downsample={downsample!r}: expected one of {DOWNSAMPLES}.")
     return dict(
         filters=tuple(int(f) for f in m.filters),
         bottom_filters=int(m.bottom_filters),
