@@ -282,6 +282,11 @@ tests/test_fast_layers.py):
   the gradients of the equivalent
   "3 W-shifts stacked along channels + one 3x3x1 conv": dX 2-3x and dW 10-30 % faster than the
   plain convolution's (the stacked forward was not faster, so the plain forward is kept).
+* maps above 64³ voxels per sample: XLA's convolution. The 3x stacked copies are transient but
+  raise the peak: with `wstacked` on the 128³ level, the paper-size 2 x 128³ segmentation step
+  needed 9.5 GiB of XLA:CPU scratch instead of 5.2 (with the 64³ cap: 6.5 GiB; 3.15 with remat,
+  as before; benchmarks/remat_memory.md). Off CPU `auto` is always XLA's convolution (the
+  rewrites were measured on XLA:CPU only).
 * `config.model.downsample='conv'` (not the paper; default 'max_pool'): nnU-Net-style stride-2
   conv + GroupNorm + ReLU per level, the conv computed as space-to-depth + a stride-1 2x2x2 conv
   (`conv3_s2`), which avoids XLA's ~1 GFLOP/s stride-2 dX (cpu_measurements.md section 3).

@@ -96,6 +96,8 @@ def test_conv3_same_dispatch_and_errors():
     assert auto_impl((2, 10, 10, 10, 8)) == "stacked"
     assert auto_impl((2, 40, 40, 40, 8)) == "wstacked"
     assert auto_impl((2, 40, 40, 40, 8), platform="cpu") == "wstacked"
+    assert auto_impl((2, 64, 64, 64, 8), platform="cpu") == "wstacked"
+    assert auto_impl((2, 128, 128, 128, 8), platform="cpu") == "xla"  # memory: 3x copies
     assert auto_impl((2, 10, 10, 10, 8), platform="gpu") == "xla"  # vendor kernels off CPU
     assert auto_impl((2, 40, 40, 40, 8), platform="tpu") == "xla"
     x, w = jnp.ones((1, 3, 3, 2)), jnp.ones((3, 3, 2, 2))

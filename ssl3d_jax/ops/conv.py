@@ -28,6 +28,12 @@ The only difference from the XLA convolution is float summation order (tests: ~1
 float32). `impl='xla'` keeps the plain `lax.conv_general_dilated` (the reference, and the fall
 back for layers where the rewrite does not win); `impl='auto'` picks per call from the static
 shape (see `auto_impl`).
+
+Memory: the stacked copies are transient, but on large maps they raise the step's peak. At the
+paper's 2 x 128³ segmentation step, 'wstacked' on the 128³ level took the XLA:CPU scratch from
+5.2 to 9.5 GiB (benchmarks/remat_memory.py), so `auto` keeps XLA's convolution above
+`_AUTO_MAX_WSTACKED_VOXELS` (64³ per sample), where a map's 3x copy would cost more memory than
+it saves time on a CPU.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ CONV_IMPLS = ("auto", "stacked", "wstacked", "xla")
 # `auto` uses the stacked formulation up to this many voxels per sample and channel product;
 # above it the XLA convolution's forward is competitive (benchmarks/results/layers.md).
 _AUTO_MAX_VOXELS = 16**3
+# Above it `auto` runs the plain XLA convolution (memory; module docstring).
+_AUTO_MAX_WSTACKED_VOXELS = 64**3
 # Above it, the forward of inputs with at most this many channels still uses the stacked matmuls
 # (2x40³ 4->8: 24 vs 67 ms, benchmarks/results/layers.md).
 _FEW_CHANNELS = 4
@@ -187,7 +195,9 @@ def auto_impl(x_shape: tuple[int, ...], platform: str | None = None) -> str:
     voxels = 1
     for s in x_shape[1:-1]:
         voxels *= int(s)
-    return "stacked" if voxels <= _AUTO_MAX_VOXELS else "wstacked"
+    if voxels <= _AUTO_MAX_VOXELS:
+        return "stacked"
+    return "wstacked" if voxels <= _AUTO_MAX_WSTACKED_VOXELS else "xla"
 
 
 def conv3_same(x: jax.Array, w: jax.Array, *, impl: str = "auto") -> jax.Array:
