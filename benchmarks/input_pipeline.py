@@ -309,7 +309,6 @@ def step_rates(
 
     With `overlap_source` (a cached source without labels), also `overlap(...)` for RPL.
     """
-    import functools
 
     import jax
     import optax
@@ -374,12 +373,7 @@ def step_rates(
     graphdef, params = step_lib.init_params(build, jax.random.key(0), mesh)
     b = int(config.finetune.batch_size)
     cfg = config.finetune
-    loss_fn = functools.partial(
-        finetune.segmentation_loss,
-        num_classes=num_classes,
-        dice_weight=cfg.dice_weight,
-        ce_weight=cfg.ce_weight,
-    )
+    loss_fn = finetune.make_loss(config, num_classes)
     batch = {
         "image": rng.standard_normal((b, s, s, s, in_channels), dtype=np.float32),
         "label": rng.integers(0, num_classes, (b, s, s, s), dtype=np.int32),

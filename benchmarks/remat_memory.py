@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import importlib
 import json
 import os
@@ -78,12 +77,7 @@ def finetune_step(size: str, dtype: str, remat: bool):
     tx = optax.adam(cfg.learning_rate)
     build = finetune.build_model(config, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
     graphdef, state = abstract_state(build, tx)
-    loss_fn = functools.partial(
-        finetune.segmentation_loss,
-        num_classes=NUM_CLASSES,
-        dice_weight=cfg.dice_weight,
-        ce_weight=cfg.ce_weight,
-    )
+    loss_fn = finetune.make_loss(config, NUM_CLASSES)
     batch = {
         "image": jax.ShapeDtypeStruct((cfg.batch_size, s, s, s, IN_CHANNELS), jnp.float32),
         "label": jax.ShapeDtypeStruct((cfg.batch_size, s, s, s), jnp.int32),

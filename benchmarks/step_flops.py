@@ -135,12 +135,7 @@ def finetune_steps(size: str, in_channels: int, num_classes: int) -> dict:
     cfg = config.finetune
     s = config.data.size
     tx = optax.adam(cfg.learning_rate)
-    loss_fn = functools.partial(
-        finetune.segmentation_loss,
-        num_classes=num_classes,
-        dice_weight=cfg.dice_weight,
-        ce_weight=cfg.ce_weight,
-    )
+    loss_fn = finetune.make_loss(config, num_classes)
     batch = {
         "image": jax.ShapeDtypeStruct((cfg.batch_size, s, s, s, in_channels), jnp.float32),
         "label": jax.ShapeDtypeStruct((cfg.batch_size, s, s, s), jnp.int32),

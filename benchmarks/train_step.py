@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import platform
@@ -94,12 +93,7 @@ def step_spec(kind: str, size: str) -> dict:
         build = finetune.build_model(
             config, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, arm="scratch"
         )
-        loss_fn = functools.partial(
-            finetune.segmentation_loss,
-            num_classes=NUM_CLASSES,
-            dice_weight=cfg.dice_weight,
-            ce_weight=cfg.ce_weight,
-        )
+        loss_fn = finetune.make_loss(config, NUM_CLASSES)
         s = config.data.size
         shapes = {
             "image": ((cfg.batch_size, s, s, s, IN_CHANNELS), np.float32),

@@ -65,6 +65,17 @@ def build_model(config, *, in_channels: int, num_classes: int, arm: str = "scrat
     return build
 
 
+def make_loss(config, num_classes: int):
+    """`segmentation_loss` with `config.finetune`'s Dice and cross-entropy weights: the
+    `(model, batch, key) -> (loss, metrics)` that every finetuning step (and benchmark) uses."""
+    return functools.partial(
+        segmentation_loss,
+        num_classes=num_classes,
+        dice_weight=config.finetune.dice_weight,
+        ce_weight=config.finetune.ce_weight,
+    )
+
+
 def segmentation_loss(model, batch, key, *, num_classes: int, dice_weight: float, ce_weight: float):
     """Soft Dice (foreground classes) + voxel cross-entropy; `batch` holds image `[B,*S,C]` and
     label `[B,*S]` class indices."""
@@ -161,12 +172,7 @@ def run(
 
     tx = optax.adam(cfg.probe_learning_rate if arm == "probe" else cfg.learning_rate)
     state = step_lib.create_train_state(tx, params, key_run, mesh)
-    loss_fn = functools.partial(
-        segmentation_loss,
-        num_classes=dataset.num_classes,
-        dice_weight=cfg.dice_weight,
-        ce_weight=cfg.ce_weight,
-    )
+    loss_fn = make_loss(config, dataset.num_classes)
     if arm == "probe":
         probe_step = step_lib.jit_train_step(
             step_lib.make_train_step(

@@ -222,8 +222,9 @@ def jit_train_step(step_fn, mesh) -> Callable:
 
 # Initialisation runs once, so its compile time is all that matters. XLA:CPU's LLVM pipeline spends
 # seconds optimising the unrolled threefry rounds and erf_inv of every initialiser (measured on
-# the default RPL model: 7.3 s on an idle 2-core machine, 10x that under load) for a program that
-# then runs in 14 ms; at optimisation level 0 it compiles ~10x faster and runs in 0.2 s. The
+# the default RPL model, 2-core CPU: 7.3 s of compile for a program that then runs in 14 ms); at
+# optimisation level 0 it compiles ~10x faster and runs in 0.2 s (benchmarks/RESULTS.md, time to
+# the first step: init 9.6 s -> 1.9 s cold, compile and everything else before the step). The
 # values agree to 1 ulp (relative 2e-7: float rounding of erf_inv, not different random bits).
 CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
