@@ -1,20 +1,24 @@
-"""Per-layer and whole-step timings of the U-Net's layers on CPU, before / after the fast paths.
+"""Per-layer and whole-step timings of the U-Net's layers on CPU, for each convolution path.
 
-Why (issue 6, item 2): to find where the default segmentation and RPL train steps spend their
-time, per layer kind and shape, and to decide which exact reformulation of a layer to adopt. For
-every 3x3x3 convolution shape the models really see (derived from `configs/rpl.py:<size>` and the
-U-Net's structure: the finetuning segmentation model on `finetune.batch_size x data.size³`, the
-RPL encoder on `2 x pretrain.batch_size` patches) it times, as jitted functions, the forward pass,
-the input gradient (dX) and the kernel gradient (dW) of `ssl3d_jax.ops.conv.conv3_xla`
-(`lax.conv_general_dilated`, what `nnx.Conv` runs), of `conv3_stacked` (shifted copies stacked
-along channels + matmuls, custom VJP) and of `conv3_wstacked` (last-axis shifts stacked + one
-3x3x1 conv); then GroupNorm + ReLU, `max_pool2` and `UpConv2` forward
-and forward + backward; then the whole train step (built as benchmarks/train_step.py builds it)
-with `config.model.conv_impl = 'xla'` and `'auto'`.
+Why (issues 6 and 13): to find where the default segmentation and RPL train steps spend their
+time, per layer kind and shape, and to decide which formulation of a layer `conv_impl='auto'`
+runs. For every 3x3x3 convolution shape the models really see (derived from `configs/rpl.py:<size>`
+and the U-Net's structure: the finetuning segmentation model on `finetune.batch_size x
+data.size³`, the RPL encoder on `2 x pretrain.batch_size` patches) it times, as jitted
+functions, the forward pass, the input gradient (dX) and the kernel gradient (dW) of every
+formulation in `ssl3d_jax/ops/conv.py` (`xla` = `lax.conv_general_dilated`, what `nnx.Conv`
+runs; the pure-XLA rewrites `taps2d`, `stacked`, `wstacked`; `onednn`, oneDNN's primitives as
+FFI custom calls, when the extension is built) and PyTorch's `nn.Conv3d` when torch is
+installed; then GroupNorm + ReLU, `max_pool2`, `UpConv2` (einsum vs oneDNN) and the stride-2
+downsampling conv; then the whole train step with `conv_impl='xla'`, the pure-XLA fallback
+(`'auto'` with the extension hidden) and `'auto'` with oneDNN, beside the PyTorch twin's step;
+then the threading check: the oneDNN step with executions serialised (the default) and not, in
+fresh processes, with the process's threads and its involuntary context switches per step.
 
-A and B are interleaved in the same process (round-robin over the variants, median of
-`--repeats` rounds) because other processes share the cores; each cell also gives the process
-CPU time (all threads), which contention distorts less than the wall time.
+Variants are interleaved in the same process (round-robin, median of `--repeats` rounds); each
+cell also gives the process CPU time (all threads). Ratios to PyTorch are only meaningful on an
+idle machine: oneDNN's and PyTorch's OpenMP threads collapse when another process holds the
+cores (the load average at start is recorded).
 
 Run:
     python benchmarks/layers.py                       # default size -> benchmarks/results/layers
@@ -43,14 +47,40 @@ import common  # noqa: E402
 import step_flops  # noqa: E402
 
 from ssl3d_jax.models.layers import UpConv2, max_pool2  # noqa: E402
-from ssl3d_jax.ops.conv import auto_impl, conv3_stacked, conv3_wstacked, conv3_xla  # noqa: E402
+from ssl3d_jax.ops import onednn  # noqa: E402
+from ssl3d_jax.ops.conv import (  # noqa: E402
+    auto_impl,
+    conv3_s2d,
+    conv3_s2_xla,
+    conv3_stacked,
+    conv3_taps2d,
+    conv3_wstacked,
+    conv3_xla,
+)
 from ssl3d_jax.ops.patches import patch_shape  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 IN_CHANNELS = step_flops.DATASETS["brats"][0]
+_THREADS_CHILD_ENV = "SSL3D_LAYERS_THREADS_CHILD"
 
 
-VARIANTS = {"xla": conv3_xla, "stacked": conv3_stacked, "wstacked": conv3_wstacked}
+def variants() -> dict:
+    """The convolution formulations to time: every pure-XLA one, and oneDNN where it is built."""
+    out = {
+        "xla": conv3_xla,
+        "taps2d": conv3_taps2d,
+        "stacked": conv3_stacked,
+        "wstacked": conv3_wstacked,
+    }
+    if onednn.available():
+        out["onednn"] = onednn.conv
+    return out
+
+
+def fallback_impl(shape) -> str:
+    """What `conv_impl='auto'` runs without the oneDNN extension."""
+    with onednn.hidden("benchmarks/layers.py: the fallback path"):
+        return auto_impl(shape, platform="cpu")
 
 
 def _ceil_halves(s: int, n: int) -> list[int]:
@@ -161,54 +191,87 @@ def time_convs(size: str, repeats: int) -> list[dict]:
         w = jax.random.normal(jax.random.key(1), (3, 3, 3, ci, co)) * 0.1
         dy = jnp.ones((b, s, s, s, co))
         fns = {}
-        for name, impl in VARIANTS.items():
+        for name, impl in variants().items():
             for part, fn in _conv_fns(impl, dy).items():
                 fns[f"{name}/{part}"] = fn
         t = interleaved(fns, (x, w), repeats)
         gflop = 2 * 27 * ci * co * b * s**3 / 1e9
         t.update(time_torch_conv(b, s, ci, co, repeats))
-        out.append({**row, "gflop": gflop, "auto": auto_impl(x.shape), "times": t})
+        out.append(
+            {
+                **row,
+                "gflop": gflop,
+                "auto": auto_impl(x.shape),
+                "fallback": fallback_impl(x.shape),
+                "times": t,
+            }
+        )
         print(_conv_line(out[-1]), flush=True)
     return out
 
 
+def _names(t: dict) -> list[str]:
+    return [v for v in ("xla", "taps2d", "stacked", "wstacked", "onednn") if f"{v}/fwd" in t]
+
+
+def _sum(t: dict, v: str) -> float:
+    return sum(t[f"{v}/{p}"][0] for p in ("fwd", "dX", "dW"))
+
+
 def _conv_line(r: dict) -> str:
     t = r["times"]
-    cells = " | ".join(
-        f"{t[f'{v}/{p}'][0] * 1e3:.2f}" for v in VARIANTS for p in ("fwd", "dX", "dW")
-    )
-    best = sum(min(t[f"{v}/{p}"][0] for v in VARIANTS) for p in ("fwd", "dX", "dW"))
-    plain = sum(t[f"xla/{p}"][0] for p in ("fwd", "dX", "dW"))
+    names = _names(t)
+    cells = " | ".join(f"{t[f'{v}/{p}'][0] * 1e3:.2f}" for v in names for p in ("fwd", "dX", "dW"))
+    sums = " | ".join(f"{_sum(t, v) * 1e3:.2f}" for v in names)
     torch_cells = " | ".join(
         f"{t[k][0] * 1e3:.2f}" if k in t else "–" for k in ("torch/fwd", "torch/fwd+bwd")
     )
-    cells += f" | {plain * 1e3:.2f} | {best * 1e3:.2f} | {torch_cells}"
+    ratio = "–"
+    if "onednn" in names and "torch/fwd+bwd" in t:
+        ratio = f"{_sum(t, 'onednn') / t['torch/fwd+bwd'][0]:.2f}×"
     return (
         f"| {r['model']} | {r['part']} | {r['batch']}x{r['side']}³ | {r['cin']}→{r['cout']} | "
-        f"{r['gflop']:.3f} | {cells} | {r['auto']} |"
+        f"{r['gflop']:.3f} | {cells} | {sums} | {torch_cells} | {ratio} | {r['auto']} | "
+        f"{r.get('fallback', '–')} |"
     )
 
 
 def time_other(size: str, repeats: int) -> list[dict]:
-    """GroupNorm + ReLU, max_pool2 and UpConv2 at the segmentation model's shapes."""
+    """GroupNorm + ReLU, max_pool2, UpConv2 (einsum and oneDNN) and the stride-2 3x3x3 conv of
+    `downsample='conv'` (XLA, space-to-depth, oneDNN) at the segmentation model's shapes."""
     config = step_flops.load_config("rpl", size)
     f, bottom = tuple(config.model.filters), int(config.model.bottom_filters)
     b, s = int(config.finetune.batch_size), int(config.data.size)
     sides = _ceil_halves(s, len(f))
+    up_impls = ("xla", "onednn") if onednn.available() else ("xla",)
     rows = []
     for i, c in enumerate(f):
         x = jax.random.normal(jax.random.key(0), (b, sides[i], sides[i], sides[i], c))
+        w = jax.random.normal(jax.random.key(1), (3, 3, 3, c, c)) * 0.1
         gn = nnx.GroupNorm(c, num_groups=min(8, c), rngs=nnx.Rngs(0))
         up_in = f[i + 1] if i + 1 < len(f) else bottom
-        up = UpConv2(up_in, c, rngs=nnx.Rngs(0))
         xu = jax.random.normal(
             jax.random.key(0), (b, sides[i + 1], sides[i + 1], sides[i + 1], up_in)
         )
         cases = {
             f"groupnorm+relu {b}x{sides[i]}³x{c}": (lambda x, gn=gn: nnx.relu(gn(x)), x),
             f"max_pool2 {b}x{sides[i]}³x{c}": (max_pool2, x),
-            f"UpConv2 {b}x{sides[i + 1]}³x{up_in}→{c}": (lambda x, up=up: up(x), xu),
         }
+        for impl in up_impls:
+            up = UpConv2(up_in, c, conv_impl=impl, rngs=nnx.Rngs(0))
+            label = "einsum" if impl == "xla" else impl
+            cases[f"UpConv2 ({label}) {b}x{sides[i + 1]}³x{up_in}→{c}"] = (
+                lambda x, up=up: up(x),
+                xu,
+            )
+        s2 = {"xla": conv3_s2_xla, "s2d": conv3_s2d}
+        if onednn.available():
+            s2["onednn"] = lambda x, w: onednn.conv(x, w, strides=(2, 2, 2))
+        for label, fn in s2.items():
+            cases[f"stride-2 conv ({label}) {b}x{sides[i]}³x{c}→{c}"] = (
+                lambda x, fn=fn, w=w: fn(x, w),
+                x,
+            )
         for name, (fn, arg) in cases.items():
             fwd = jax.jit(fn)
             both = jax.jit(lambda x, fn=fn: jax.grad(lambda x: jnp.sum(fn(x) ** 2))(x))
@@ -218,40 +281,34 @@ def time_other(size: str, repeats: int) -> list[dict]:
     return rows
 
 
-def time_steps(size: str, repeats: int) -> list[dict]:
-    """Whole train steps (segmentation finetuning, RPL pretraining), conv_impl 'xla' vs 'auto'."""
+STEP_KINDS = ("finetune/full", "pretext/rpl")
+
+
+def _build(kind: str, size: str, impl: str, mesh):
+    """[compiled step, state, batch] of `kind` with `config.model.conv_impl = impl`, run once."""
     import train_step
 
-    from ssl3d_jax import parallel, tasks
-    from ssl3d_jax.tasks import rpl as rpl_task
-    from ssl3d_jax.train import finetune
+    step, state, batch = train_step.build_step(train_step.step_spec(kind, size, impl), mesh)
+    compiled = step.lower(state, batch).compile()
+    state, _ = compiled(state, batch)
+    return [compiled, state, batch]
 
-    # tasks.encoder_config does not (yet) read config.model.conv_impl: wrap it here.
-    base = tasks.encoder_config
 
-    def with_impl(config):
-        return {**base(config), "conv_impl": config.model.get("conv_impl", "auto")}
+def time_steps(size: str, repeats: int, kinds=STEP_KINDS) -> list[dict]:
+    """Whole train steps: conv_impl 'xla', the pure-XLA fallback ('auto' with the extension
+    hidden) and 'auto' (oneDNN where built), interleaved; then the PyTorch twin's step."""
+    import train_step
 
-    finetune.encoder_config = rpl_task.encoder_config = with_impl
+    from ssl3d_jax import parallel
+
     mesh = parallel.make_mesh()
     rows = []
-    for kind in ("finetune/full", "pretext/rpl"):
-        steps = {}
-        for impl in ("xla", "auto"):
-            spec = train_step.step_spec(kind, size)
-            spec["config"].model.conv_impl = impl
-            if kind == "pretext/rpl":
-                task = tasks.get_task(spec["config"], in_channels=IN_CHANNELS)
-                spec["build"] = task.build_model
-                spec["loss_fn"] = lambda m, b, k, task=task: task.loss(m, b["image"], k)
-            else:
-                spec["build"] = finetune.build_model(
-                    spec["config"], in_channels=IN_CHANNELS, num_classes=4, arm="scratch"
-                )
-            step, state, batch = train_step.build_step(spec, mesh)
-            compiled = step.lower(state, batch).compile()
-            state, _ = compiled(state, batch)
-            steps[impl] = [compiled, state, batch]
+    for kind in kinds:
+        steps = {"xla": _build(kind, size, "xla", mesh)}
+        with onednn.hidden("benchmarks/layers.py: the fallback path"):
+            steps["fallback"] = _build(kind, size, "auto", mesh)
+        if onednn.available():
+            steps["onednn"] = _build(kind, size, "auto", mesh)
         samples = {k: [] for k in steps}
         for _ in range(repeats):
             for impl, s in steps.items():
@@ -263,8 +320,77 @@ def time_steps(size: str, repeats: int) -> list[dict]:
             k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
             for k, v in samples.items()
         }
-        rows.append({"kind": kind, "times": t})
-        print(_step_line(rows[-1]), flush=True)
+        row = {"kind": kind, "times": t}
+        try:
+            torch_row = train_step.time_torch_step(kind, size, repeats)
+        except ImportError:
+            torch_row = None
+        if torch_row:
+            row["torch_s"] = torch_row["torch_median_s"]
+        rows.append(row)
+        print(_step_line(row), flush=True)
+    return rows
+
+
+def _threads_child(kind: str, size: str, steps: int) -> None:
+    """One fresh process: the oneDNN step of `kind`, timed with its threads and context switches
+    (SSL3D_ONEDNN_SERIALIZE is read once, at the extension's first call)."""
+    import resource
+
+    from ssl3d_jax import parallel
+
+    compiled, state, batch = _build(kind, size, "onednn", parallel.make_mesh())
+    walls, cpus, switches = [], [], []
+    for _ in range(steps):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t, c = time.perf_counter(), time.process_time()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+        switches.append(resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - r0.ru_nivcsw)
+    with open("/proc/self/status") as f:
+        threads = int(next(line for line in f if line.startswith("Threads:")).split()[1])
+    print(
+        json.dumps(
+            {
+                "wall_s": statistics.median(walls),
+                "cpu_s": statistics.median(cpus),
+                "involuntary_switches": statistics.median(switches),
+                "threads": threads,
+            }
+        )
+    )
+
+
+def time_threads(size: str, repeats: int) -> list[dict]:
+    """The oneDNN steps with executions serialised (default) and concurrent, fresh processes,
+    alternated over 3 rounds."""
+    if not onednn.available():
+        return []
+    import subprocess
+
+    rows = []
+    for kind in STEP_KINDS:
+        samples = {"1": [], "0": []}
+        for _ in range(3):
+            for serialize in samples:
+                env = dict(os.environ, SSL3D_ONEDNN_SERIALIZE=serialize)
+                env[_THREADS_CHILD_ENV] = json.dumps([kind, size, repeats])
+                out = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                samples[serialize].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for serialize, runs in samples.items():
+            row = {"kind": kind, "serialize": serialize == "1"}
+            for key in runs[0]:
+                row[key] = statistics.median(r[key] for r in runs)
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
@@ -325,10 +451,20 @@ best-of sum is the 20³/40³ forward with Cin >= 8, where no variant beat XLA co
 
 def _step_line(r: dict) -> str:
     t = r["times"]
-    return (
-        f"| {r['kind']} | {t['xla'][0]:.4f} ({t['xla'][1]:.4f}) | "
-        f"{t['auto'][0]:.4f} ({t['auto'][1]:.4f}) | {t['xla'][0] / t['auto'][0]:.2f}× |"
+    cells = " | ".join(
+        f"{t[k][0]:.4f} ({t[k][1]:.4f})" if k in t else "–" for k in ("xla", "fallback", "onednn")
     )
+    best = t.get("onednn", t["fallback"])[0]
+    torch_s = r.get("torch_s")
+    return (
+        f"| {r['kind']} | {cells} | {t['xla'][0] / t['fallback'][0]:.2f}× | "
+        f"{t['xla'][0] / best:.2f}× | {_fmt(torch_s, '{:.4f}')} | "
+        f"{_fmt(None if torch_s is None else best / torch_s, '{:.2f}×')} |"
+    )
+
+
+def _fmt(x, fmt):
+    return "–" if x is None else fmt.format(x)
 
 
 def markdown(report: dict) -> str:
@@ -345,28 +481,63 @@ def markdown(report: dict) -> str:
             "",
             report.get("steps_note", "Built as benchmarks/train_step.py builds it; interleaved."),
             "",
-            "| step | conv_impl='xla' (before) | 'auto' (after) | speed-up |",
-            "|---|---:|---:|---:|",
+            "| step | conv_impl='xla' | pure-XLA fallback | oneDNN ('auto') | fallback speed-up "
+            "| oneDNN speed-up | PyTorch s | ours / PyTorch |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         lines += [_step_line(r) for r in report["steps"]]
-        lines.append("")
-    lines += [
-        "## 3x3x3 SAME convolutions, ms",
-        "",
-        "| model | part | input | channels | GFLOP fwd | xla fwd | xla dX | xla dW | stacked fwd "
-        "| stacked dX | stacked dW | wstacked fwd | wstacked dX | wstacked dW | xla sum "
-        "| best-of sum | torch fwd | torch fwd+bwd | auto picks |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    lines += [_conv_line(r) for r in report["convs"]]
-    lines += [
-        "",
-        "fwd / dX / dW: jitted forward, input-gradient and kernel-gradient (vjp) functions. "
-        "'wstacked fwd' is XLA's convolution (its custom VJP only changes the gradients). "
-        "xla sum = xla fwd + dX + dW; best-of sum = the fastest variant per part. torch: "
-        "`nn.Conv3d` (no bias, channels_last_3d, all cores), fwd under no_grad and fwd + "
-        "backward. 'auto picks' = what `conv_impl='auto'` runs for that layer.",
-    ]
+        lines += [
+            "",
+            "pure-XLA fallback = `conv_impl='auto'` with the oneDNN extension hidden (what runs "
+            "where it is not built); ours / PyTorch = the fastest of ours over the PyTorch twin's "
+            "step (benchmarks/torch_models.py, forward + backward + Adam, faster of NCDHW and "
+            "channels_last_3d; > 1: we are slower).",
+            "",
+        ]
+    if report.get("threads"):
+        lines += [
+            "## Threads: oneDNN executions serialised (default) or concurrent",
+            "",
+            "| step | serialised | step s | process CPU s | involuntary context switches / step "
+            "| threads in the process |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for r in report["threads"]:
+            lines.append(
+                f"| {r['kind']} | {'yes' if r['serialize'] else 'no (SSL3D_ONEDNN_SERIALIZE=0)'} "
+                f"| {r['wall_s']:.4f} | {r['cpu_s']:.4f} | {r['involuntary_switches']:.0f} | "
+                f"{r['threads']:.0f} |"
+            )
+        lines += [
+            "",
+            "Each row: the median over 3 fresh processes (alternated) of the median of "
+            f"{report['repeats']} steps. oneDNN runs each primitive on a GNU OpenMP team as wide "
+            "as the cores; XLA calls custom calls from its own pool and runs independent ones "
+            "(a layer's dX and dW) concurrently.",
+            "",
+        ]
+    if report.get("convs"):
+        names = _names(report["convs"][0]["times"])
+        head = " | ".join(f"{v} {p}" for v in names for p in ("fwd", "dX", "dW"))
+        sums = " | ".join(f"{v} sum" for v in names)
+        ncols = 5 + 4 * len(names) + 5
+        lines += [
+            "## 3x3x3 SAME convolutions, ms",
+            "",
+            f"| model | part | input | channels | GFLOP fwd | {head} | {sums} | torch fwd | "
+            "torch fwd+bwd | oneDNN sum / torch fwd+bwd | auto picks | without oneDNN |",
+            "|" + "---|" * 4 + "---:|" * (ncols - 6) + "---|---|",
+        ]
+        lines += [_conv_line(r) for r in report["convs"]]
+        lines += [
+            "",
+            "fwd / dX / dW: jitted forward, input-gradient and kernel-gradient (vjp) functions. "
+            "'wstacked fwd' is XLA's convolution (its custom VJP only changes the gradients). "
+            "sum = fwd + dX + dW. torch: `nn.Conv3d` (no bias, channels_last_3d, all cores), fwd "
+            "under no_grad and fwd + backward (dX and dW). 'auto picks' = what "
+            "`conv_impl='auto'` runs for that layer; 'without oneDNN' = what it runs where the "
+            "extension is not built.",
+        ]
     lines.append(NOTES)
     if report.get("other"):
         lines += [
@@ -392,6 +563,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--other", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--convs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--threads", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--render", default="", help="only re-render <out>/layers.md from this JSON")
     a = p.parse_args(argv)
     if a.render:
@@ -408,6 +580,7 @@ def main(argv=None) -> dict:
         "size": a.size,
     }
     report["steps"] = time_steps(a.size, a.repeats) if a.steps else []
+    report["threads"] = time_threads(a.size, a.repeats) if a.threads else []
     report["convs"] = time_convs(a.size, a.repeats) if a.convs else []
     report["other"] = time_other(a.size, a.repeats) if a.other else []
     common.write_results(a.out, "layers", report, markdown(report))
@@ -415,4 +588,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    if os.environ.get(_THREADS_CHILD_ENV):
+        _threads_child(*json.loads(os.environ[_THREADS_CHILD_ENV]))
+    else:
+        main()

@@ -7,16 +7,20 @@ built exactly as `ssl3d_jax/train/{pretrain,finetune}.py` build it (`tasks.get_t
 `finetune.build_model` + `finetune.segmentation_loss`, Adam, `step.init_params`,
 `step.create_train_state`, `step.make_train_step`, `step.jit_train_step` on `parallel.make_mesh()`)
 on random inputs of the config's shapes (BraTS layout: 4 channels, 4 classes). The FLOPs per step
-are XLA's cost analysis of the compiled step (as `benchmarks/step_flops.py:cost_of` reads it).
+are XLA's cost analysis of the compiled step (as `benchmarks/step_flops.py:cost_of` reads it) with
+`config.model.conv_impl='xla'`: XLA counts a custom call (the oneDNN convolutions that
+`conv_impl='auto'` runs on CPU) as 0 FLOPs, so the same step's XLA-convolution program, compiled
+but not run, gives the count for every row (the same arithmetic).
 
 (b) Per step kind (`pretext/<task>`, `finetune/full`) and size: compile time (lower + compile),
     median of `--steps` steps after one warm-up step, GFLOP/s = XLA FLOPs / median. With torch
-    installed (optional; `--torch`), `benchmarks/torch_models.py` runs the same network (RPL and
-    segmentation; the other pretext models are not ported) for the same step (forward + backward
-    + Adam) on the same threads, NCDHW and channels_last_3d; ratio = ours / PyTorch's faster one.
-    The JAX pretext step also cuts its patches from whole volumes inside the step; the PyTorch
-    step gets ready-made patches (that part costs ~0.1 ms at the default size,
-    benchmarks/results/pretext_batches.md).
+    installed (optional; `--torch`), `benchmarks/torch_models.py` runs the same network (every
+    pretext model and segmentation) for the same step (forward + backward + Adam) on the same
+    threads, NCDHW and channels_last_3d; ratio = ours / PyTorch's faster one. The JAX pretext
+    step also builds its inputs from whole volumes inside the step (patches, rotations, puzzles,
+    CPC and exemplar augmentation); the PyTorch step gets ready-made inputs of the same shapes
+    (cutting patches costs ~0.1 ms at the default size, benchmarks/results/pretext_batches.md;
+    exemplar's augmentation of both views, `ops/augment.py`, is not in the PyTorch step either).
 (d) Per phase (`pretrain` = configs/rpl.py, `finetune` = segmentation finetuning) at the size of
     `--phase-size`: a fresh Python process (`--child`) imports, initialises and compiles as the
     library does, with the persistent compilation cache configured as `launch/main.py` does
@@ -85,10 +89,13 @@ def kind_of(name: str) -> str:
     raise SystemExit(f"unknown task {name!r}: expected one of {step_flops.TASKS + ('finetune',)}")
 
 
-def step_spec(kind: str, size: str) -> dict:
-    """Everything needed to build one step: config, model builder, loss, optimizer, shapes."""
-    if kind == "finetune/full":
-        config = step_flops.load_config("rpl", size)  # finetuning sections are shared
+def step_spec(kind: str, size: str, conv_impl: str | None = None) -> dict:
+    """Everything needed to build one step: config, model builder, loss, optimizer, shapes.
+    `conv_impl`: overrides `config.model.conv_impl` (default: the config's, 'auto')."""
+    config = step_flops.load_config("rpl" if kind == "finetune/full" else kind.split("/")[1], size)
+    if conv_impl is not None:
+        config.model.conv_impl = conv_impl
+    if kind == "finetune/full":  # the finetuning sections of every config are shared
         cfg, section = config.finetune, "finetune"
         build = finetune.build_model(
             config, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, arm="scratch"
@@ -100,7 +107,6 @@ def step_spec(kind: str, size: str) -> dict:
             "label": ((cfg.batch_size, s, s, s), np.int32),
         }
     else:
-        config = step_flops.load_config(kind.split("/")[1], size)
         cfg, section = config.pretrain, "pretrain"
         task = tasks.get_task(config, in_channels=IN_CHANNELS)
         build = task.build_model
@@ -158,8 +164,15 @@ def compiled_cost(compiled) -> dict:
     return {"flops": float(cost["flops"]), "memory_gib": (total - mem.alias_size_in_bytes) / 2**30}
 
 
+def _xla_flops(kind: str, size: str, mesh) -> float:
+    """XLA's FLOP count of `kind`'s step compiled with `conv_impl='xla'` (compiled, not run)."""
+    spec = step_spec(kind, size, conv_impl="xla")
+    step, state, batch = build_step(spec, mesh)
+    return compiled_cost(step.lower(state, batch).compile())["flops"]
+
+
 def time_jax_step(kind: str, size: str, steps: int) -> dict:
-    """Compile time, step times and XLA FLOPs of one step kind at one size."""
+    """Compile time, step times and FLOPs of one step kind at one size."""
     spec = step_spec(kind, size)
     mesh = parallel.make_mesh()
     t0 = time.perf_counter()
@@ -170,6 +183,9 @@ def time_jax_step(kind: str, size: str, steps: int) -> dict:
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     cost = compiled_cost(compiled)
+    custom_calls = compiled.as_text().count('custom_call_target="ssl3d_onednn_conv_')
+    if custom_calls:
+        cost["flops"] = _xla_flops(kind, size, mesh)
     accum = step_lib.grad_accum_steps(spec["config"], spec["section"], mesh)
     times = []
     for i in range(steps + 1):  # the first run (allocation, warm-up) is not counted
@@ -193,6 +209,7 @@ def time_jax_step(kind: str, size: str, steps: int) -> dict:
         "step_s": times,
         "median_s": median,
         "flops": cost["flops"],
+        "onednn_custom_calls": custom_calls,
         "gflops_per_s": cost["flops"] / median / 1e9,
         "xla_memory_gib": cost["memory_gib"],
         "final_loss": loss,
@@ -201,16 +218,30 @@ def time_jax_step(kind: str, size: str, steps: int) -> dict:
 
 
 def torch_twin(kind: str, size: str):
-    """(torch model, inputs, loss closure) for the step kind, or None if not ported."""
+    """(torch model, inputs, loss closure, learning rate) for the step kind, or None if the
+    config uses something the twins do not implement (see benchmarks/torch_models.py).
+
+    The inputs are random tensors of the shapes the JAX model receives after the task's
+    on-device sampling (channels first), with the config's batch size: RPL pairs, rotated
+    volumes, jigsaw puzzles, CPC grid patches, exemplar anchors || positives.
+    """
     import torch
     import torch_models
 
-    spec_cfg = step_flops.load_config("rpl", size)
+    if kind == "finetune/full":
+        spec_cfg = step_flops.load_config("rpl", size)  # finetuning sections are shared
+    else:
+        spec_cfg = step_flops.load_config(kind.split("/")[1], size)
     m = spec_cfg.model
+    if spec_cfg.data.spatial_dims != 3 or m.get("downsample", "max_pool") != "max_pool":
+        return None  # the twins are the 3D max-pool encoder only
     widths = dict(
         filters=tuple(m.filters), bottom_filters=int(m.bottom_filters), num_groups=m.num_groups
     )
     gen = torch.Generator().manual_seed(0)
+    s = spec_cfg.data.size
+    b, lr = spec_cfg.pretrain.batch_size, spec_cfg.pretrain.learning_rate
+    ce = torch.nn.functional.cross_entropy
     if kind == "finetune/full":
         model = torch_models.SegmentationModel(IN_CHANNELS, NUM_CLASSES, **widths)
         b, s = spec_cfg.finetune.batch_size, spec_cfg.data.size
@@ -226,20 +257,88 @@ def torch_twin(kind: str, size: str):
         return model, x, loss, spec_cfg.finetune.learning_rate
     if kind == "pretext/rpl":
         r = spec_cfg.rpl
-        s = spec_cfg.data.size
         p = patch_shape(
             (s, s, s, IN_CHANNELS), patches_per_side=r.patches_per_side, jitter=r.jitter
         )
         ncls = r.patches_per_side**3 - 1
         model = torch_models.RPLModel(IN_CHANNELS, ncls, head_hidden=tuple(r.head_hidden), **widths)
-        b = spec_cfg.pretrain.batch_size
         x = torch.randn(b, 2, IN_CHANNELS, *p, generator=gen)
         y = torch.randint(0, ncls, (b,), generator=gen)
 
         def loss(model, x):
-            return torch.nn.functional.cross_entropy(model(x), y)
+            return ce(model(x), y)
 
-        return model, x, loss, spec_cfg.pretrain.learning_rate
+        return model, x, loss, lr
+    if kind == "pretext/rotation":
+        from ssl3d_jax.tasks import rotation
+
+        ncls = rotation.num_classes(3)
+        hidden = tuple(spec_cfg.rotation.head_hidden)
+        model = torch_models.RotationModel(
+            IN_CHANNELS, s, head_hidden=hidden, num_classes=ncls, **widths
+        )
+        x = torch.randn(b, IN_CHANNELS, s, s, s, generator=gen)  # already rotated
+        y = torch.randint(0, ncls, (b,), generator=gen)
+
+        def loss(model, x):
+            return ce(model(x), y)
+
+        return model, x, loss, lr
+    if kind == "pretext/jigsaw":
+        j = spec_cfg.jigsaw
+        p = patch_shape(
+            (s, s, s, IN_CHANNELS), patches_per_side=j.patches_per_side, jitter=j.jitter
+        )
+        n, k = j.patches_per_side**3, int(j.num_permutations)
+        model = torch_models.JigsawModel(
+            IN_CHANNELS, n, k, head_hidden=tuple(j.head_hidden), **widths
+        )
+        x = torch.randn(b, n, IN_CHANNELS, *p, generator=gen)  # already shuffled
+        y = torch.randint(0, k, (b,), generator=gen)
+
+        def loss(model, x):
+            return ce(model(x), y)
+
+        return model, x, loss, lr
+    if kind == "pretext/cpc":
+        from ssl3d_jax.tasks import cpc
+
+        c = spec_cfg.cpc
+        pps = int(c.patches_per_side)
+        p = patch_shape((s, s, s, IN_CHANNELS), patches_per_side=pps, jitter=c.jitter)
+        targets = torch.as_tensor(cpc.target_indices(pps, 3), dtype=torch.long)  # [cols, K]
+        model = torch_models.CPCModel(
+            IN_CHANNELS,
+            cpc.context_indices(pps, 3).tolist(),
+            targets.shape[1],
+            int(c.code_size),
+            int(c.gru_units),
+            **widths,
+        )
+        x = torch.randn(b, pps**3, IN_CHANNELS, *p, generator=gen)  # augmented grid patches
+        temperature = float(c.temperature)
+
+        def loss(model, x):
+            predictions, latents = model(x)
+            return torch_models.info_nce(predictions, latents, targets, temperature)
+
+        return model, x, loss, lr
+    if kind == "pretext/exemplar":
+        e = spec_cfg.exemplar
+        if e.batch_hard:
+            return None  # torch_models.triplet_loss uses the random negatives only
+        model = torch_models.ExemplarModel(IN_CHANNELS, int(e.code_size), **widths)
+        x = torch.randn(2 * b, IN_CHANNELS, s, s, s, generator=gen)  # anchors || positives
+        # A random cyclic derangement (Sattolo), as `tasks.exemplar.random_derangement`.
+        order = torch.randperm(b, generator=gen)
+        negative_index = torch.empty(b, dtype=torch.long)
+        negative_index[order] = torch.roll(order, -1)
+        margin, squared = float(e.margin), bool(e.squared_distance)
+
+        def loss(model, x):
+            return torch_models.triplet_loss(model(x), negative_index, margin, squared)
+
+        return model, x, loss, lr
     return None
 
 
@@ -277,6 +376,67 @@ def time_torch_step(kind: str, size: str, steps: int) -> dict | None:
         out[f"torch_{layout}_median_s"] = statistics.median(times)
     out["torch_median_s"] = min(out["torch_ncdhw_median_s"], out["torch_channels_last_3d_median_s"])
     return out
+
+
+# --- (b): our step and PyTorch's, each in fresh processes ----------------------------------------
+
+_STEP_CHILD_ENV = "SSL3D_BENCH_STEP_CHILD"
+
+
+def _step_child(framework: str, kind: str, size: str, steps: int, cache_dir: str) -> None:
+    """Runs in a fresh process: `steps` steps of our step (`jax`) or the PyTorch twin's
+    (`torch`), after a warm-up step; prints one JSON line."""
+    if framework == "torch":
+        print(json.dumps(time_torch_step(kind, size, steps) or {}))
+        return
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    step, state, batch = build_step(step_spec(kind, size), parallel.make_mesh())
+    compiled = step.lower(state, batch).compile()
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        if i:
+            times.append(time.perf_counter() - t0)
+    print(json.dumps({"step_s": times, "median_s": statistics.median(times)}))
+
+
+def time_fresh_processes(kind: str, size: str, steps: int, rounds: int) -> dict:
+    """Our step and the PyTorch twin's, each timed in its own fresh process, alternated over
+    `rounds` rounds (ours, PyTorch, ours, ...): the median over rounds of each process's median.
+
+    Why fresh processes: in one process the two runtimes' idle thread pools (XLA's, and the two
+    OpenMP runtimes of oneDNN and PyTorch) spin after each step and slowed the other side's next
+    step (the PyTorch segmentation step by ~1.5x when alternated with ours in one process).
+    Alternation spreads the machine's drifts over both sides."""
+    out = {"jax": [], "torch": []}
+    with tempfile.TemporaryDirectory(prefix="ssl3d_bench_cache_") as cache_dir:
+        for _ in range(rounds):
+            for framework in out:
+                env = dict(os.environ)
+                env[_STEP_CHILD_ENV] = json.dumps([framework, kind, size, steps, cache_dir])
+                cmd = [sys.executable, os.path.abspath(__file__)]
+                res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+                if res.returncode:
+                    raise RuntimeError(f"{framework} step child failed:\n{res.stderr[-3000:]}")
+                out[framework].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    if not out["torch"][0]:
+        return {}
+    return {
+        "fresh_rounds": rounds,
+        "fresh_median_s": statistics.median(r["median_s"] for r in out["jax"]),
+        "fresh_round_medians_s": [r["median_s"] for r in out["jax"]],
+        "torch_ncdhw_median_s": statistics.median(r["torch_ncdhw_median_s"] for r in out["torch"]),
+        "torch_channels_last_3d_median_s": statistics.median(
+            r["torch_channels_last_3d_median_s"] for r in out["torch"]
+        ),
+        "torch_median_s": statistics.median(r["torch_median_s"] for r in out["torch"]),
+        "torch_round_medians_s": [r["torch_median_s"] for r in out["torch"]],
+        "torch_params": out["torch"][0]["torch_params"],
+        "torch_threads": out["torch"][0]["torch_threads"],
+    }
 
 
 # --- (d): fresh processes -----------------------------------------------------------------------
@@ -398,8 +558,9 @@ def markdown(report: dict) -> str:
         f"{', '.join(map(str, m['load_average']))}.",
         "",
         "| step | size | batch | params | compile s | median step s | GFLOP/step | GFLOP/s "
-        "| PyTorch s (NCDHW / CL3d) | PyTorch GFLOP/s | ours / PyTorch |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ours s, fresh processes | PyTorch s (NCDHW / CL3d), fresh processes | PyTorch GFLOP/s "
+        "| ours / PyTorch |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["steps"]:
         t = r.get("torch_median_s")
@@ -411,19 +572,25 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['kind']} | {r['size']} | {r['batch']} | {r['params']:,} | "
             f"{r['compile_s']:.2f} | {r['median_s']:.3g} | {r['flops'] / 1e9:.3g} | "
-            f"{r['gflops_per_s']:.3g} | {torch_cell} | "
+            f"{r['gflops_per_s']:.3g} | {_f(r.get('fresh_median_s'))} | {torch_cell} | "
             f"{_f(None if t is None else r['flops'] / t / 1e9)} | "
             f"{_f(r.get('ratio'), '{:.2f}×')} |"
         )
     lines += [
         "",
         f"Median of {report['steps_timed']} steps after one warm-up step; compile = lower + "
-        "compile of the jitted step. FLOPs: XLA's cost analysis of the compiled step "
-        "(read as benchmarks/step_flops.py:cost_of reads it); the PyTorch GFLOP/s uses the same "
-        "FLOP count. "
+        "compile of the jitted step (`config.model.conv_impl='auto'`: oneDNN convolutions on "
+        "CPU where the extension is built). FLOPs: XLA's cost analysis (read as "
+        "benchmarks/step_flops.py:cost_of reads it) of the same step compiled with "
+        "`conv_impl='xla'`, because XLA counts the oneDNN custom calls as 0 FLOPs; the PyTorch "
+        "GFLOP/s uses the same FLOP count. "
         "PyTorch: the same network (benchmarks/torch_models.py), forward + backward + Adam, "
-        f"{report.get('torch_note', '')} ratio = our median / PyTorch's faster layout "
-        "(> 1: we are slower). Pretext rows without PyTorch are not ported.",
+        f"{report.get('torch_note', '')} ratio = ours / PyTorch's faster layout, both timed in "
+        f"fresh processes alternated over {report.get('rounds', 1)} rounds (ours, PyTorch, "
+        "ours, ...; median of the rounds' medians), because in one process each runtime's idle "
+        "threads slow the other's next step (> 1: we are slower). Rows without PyTorch use a "
+        "setting the twins do not implement "
+        "(2D, conv downsampling, batch-hard exemplar, other segmentation loss weights).",
     ]
     if report["phases"]:
         lines += [
@@ -463,6 +630,9 @@ def main(argv=None) -> dict:
         default=None,
         help="time the PyTorch twins (default: when torch is importable)",
     )
+    p.add_argument(
+        "--rounds", type=int, default=3, help="fresh-process rounds (ours, PyTorch) per row"
+    )
     p.add_argument("--phases", default="pretrain,finetune", help="(d) phases; '' to skip")
     p.add_argument("--phase-size", default="default")
     p.add_argument("--phase-steps", type=int, default=3)
@@ -497,6 +667,7 @@ def main(argv=None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "steps_timed": args.steps,
+        "rounds": args.rounds,
         "torch_note": torch_note,
         "steps": [],
         "phases": [],
@@ -506,9 +677,9 @@ def main(argv=None) -> dict:
             kind = kind_of(name)
             row = time_jax_step(kind, size, args.steps)
             if use_torch:
-                row.update(time_torch_step(kind, size, args.steps) or {})
+                row.update(time_fresh_processes(kind, size, args.steps, args.rounds))
                 if "torch_median_s" in row:
-                    row["ratio"] = row["median_s"] / row["torch_median_s"]
+                    row["ratio"] = row["fresh_median_s"] / row["torch_median_s"]
             report["steps"].append(row)
             print(
                 f"(b) {kind} {size}: compile {row['compile_s']:.2f} s, median "
@@ -534,4 +705,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    if os.environ.get(_STEP_CHILD_ENV):
+        _step_child(*json.loads(os.environ[_STEP_CHILD_ENV]))
+    else:
+        main()

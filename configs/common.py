@@ -135,9 +135,11 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     # Recompute each encoder / decoder block's activations in the backward pass instead of
     # storing them (jax.checkpoint): ~1/3 more compute, much less memory, so that 128³ fits.
     c.model.remat = False
-    # How the 3x3x3 convolutions are computed (ssl3d_jax/ops/conv.py; same parameters, same
-    # results up to float summation order): 'auto' picks per layer the formulation XLA:CPU runs
-    # fastest (benchmarks/results/layers.md); 'stacked' / 'wstacked' force one; 'xla' = nnx.Conv.
+    # How the convolutions are computed (ssl3d_jax/ops/conv.py; same parameters, same results up
+    # to float summation order): 'auto' = on CPU oneDNN's primitives through jax.ffi where the
+    # extension is built (PyTorch's speed), else per layer the pure-XLA formulation XLA:CPU runs
+    # fastest (benchmarks/results/layers.md); off CPU XLA's. 'onednn' forces oneDNN (an error
+    # where it cannot run); 'taps2d' / 'stacked' / 'wstacked' force a rewrite; 'xla' = nnx.Conv.
     c.model.conv_impl = "auto"
     # Encoder downsampling: 'max_pool' (the paper) or 'conv' (NOT the paper: nnU-Net-style
     # stride-2 3x3x3 conv + GroupNorm + ReLU per level, extra parameters pool0, pool1, ...).

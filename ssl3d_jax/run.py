@@ -31,6 +31,9 @@ MODES = (
 )
 
 
+TRAINING_MODES = ("pretrain_finetune", "pretrain", "finetune", "experiment", "sweep")
+
+
 def run(config, workdir: str) -> dict | list | None:
     """Run `config.mode` in `workdir`.
 
@@ -43,6 +46,10 @@ def run(config, workdir: str) -> dict | list | None:
     if config.mode not in MODES:
         raise ConfigError(f"config.mode={config.mode!r}: expected one of {MODES}")
     workdir = os.path.abspath(workdir)
+    if config.mode in TRAINING_MODES:
+        # The model settings (e.g. conv_impl='onednn' where the extension is missing) fail here,
+        # before any data is read or the workdir is touched.
+        tasks.encoder_config(config)
     if config.mode == "sweep":
         return experiment.run_sweep(config, workdir)
     dataset = data_lib.open_dataset(config)

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
-from ssl3d_jax.ops.conv import CONV_IMPLS, conv3_s2, conv3_same
+from ssl3d_jax.ops import onednn
+from ssl3d_jax.ops.conv import CONV_IMPLS, conv3_s2, conv3_same, resolve_impl
 
 __all__ = [
     "max_pool2",
@@ -148,10 +149,12 @@ class UpConv2(nnx.Module):
         kernel_init: nnx.Initializer = nnx.initializers.lecun_normal(),
         bias_init: nnx.Initializer = nnx.initializers.zeros_init(),
         dtype=None,
+        conv_impl: str = "xla",
         rngs: nnx.Rngs,
     ):
         self.in_features = in_features
         self.dtype = dtype
+        self.conv_impl = check_conv_impl(conv_impl)
         self.out_features = out_features
         self.spatial_dims = check_spatial_dims(spatial_dims)
         shape = (2,) * self.spatial_dims + (in_features, out_features)
@@ -168,14 +171,21 @@ class UpConv2(nnx.Module):
         b, *spatial, _ = x.shape
         kernel = self.kernel[...][(slice(None, None, -1),) * n]
         dtype = self.dtype or jnp.result_type(x, kernel)
-        x, kernel = x.astype(dtype), kernel.astype(dtype)
-        # One matmul: every input voxel emits a 2x..x2 block of output voxels. 3D:
-        # "bdhwc,xyzco->bdxhywzo"; 2D: "bhwc,yzco->bhywzo".
-        axes, taps = _AXES[-n:], "xyz"[-n:]
-        y = jnp.einsum(
-            f"b{axes}c,{taps}co->b{''.join(a + t for a, t in zip(axes, taps))}o", x, kernel
-        )
-        y = y.reshape(b, *(2 * s for s in spatial), self.out_features)
+        x = x.astype(dtype)
+        if self.conv_impl == "onednn" and resolve_impl("onednn", x) == "onednn":
+            # Only when forced: at the default model's shapes oneDNN's transposed convolution
+            # did not beat the einsum (whole segmentation step within noise, per layer mixed;
+            # benchmarks/results/layers.md), so 'auto' keeps the einsum.
+            y = onednn.conv_transpose2(x, self.kernel[...].astype(dtype))
+        else:
+            kernel = kernel.astype(dtype)
+            # One matmul: every input voxel emits a 2x..x2 block of output voxels. 3D:
+            # "bdhwc,xyzco->bdxhywzo"; 2D: "bhwc,yzco->bhywzo".
+            axes, taps = _AXES[-n:], "xyz"[-n:]
+            y = jnp.einsum(
+                f"b{axes}c,{taps}co->b{''.join(a + t for a, t in zip(axes, taps))}o", x, kernel
+            )
+            y = y.reshape(b, *(2 * s for s in spatial), self.out_features)
         # The bias is added in float32 (fused, no extra buffer): its gradient then sums float32
         # cotangents over every voxel, where a bfloat16 sum over 128³ voxels would lose most of
         # its digits. The einsum itself (and its transposes) stays in `dtype`.
@@ -364,5 +374,5 @@ class DownConv(nnx.Module):
         else:
             kernel = self.conv.kernel[...]
             dtype = self.conv.dtype or jnp.result_type(x, kernel)
-            y = conv3_s2(x.astype(dtype), kernel.astype(dtype))
+            y = conv3_s2(x.astype(dtype), kernel.astype(dtype), impl=self.conv_impl)
         return nnx.relu(self.norm(y))

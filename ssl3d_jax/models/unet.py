@@ -245,7 +245,11 @@ class UNetDecoder(nnx.Module):
         cin = int(bottom_filters)
         for i in reversed(range(len(self.filters))):
             f = self.filters[i]
-            setattr(self, f"up{i}", UpConv2(cin, f, spatial_dims=n, dtype=dtype, rngs=rngs))
+            setattr(
+                self,
+                f"up{i}",
+                UpConv2(cin, f, spatial_dims=n, dtype=dtype, conv_impl=conv_impl, rngs=rngs),
+            )
             setattr(self, f"block{i}", ConvBlock(2 * f, f, **block_kwargs, rngs=rngs))
             cin = f
         # Applied in `__call__` as a matmul over channels (a 1x1 conv is one); the module only

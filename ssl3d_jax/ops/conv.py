@@ -1,39 +1,35 @@
-"""Fast exact 3x..x3 stride-1 SAME convolution for XLA:CPU (issue 6, item 2).
+"""3x..x3 convolutions for XLA:CPU: oneDNN through `jax.ffi`, and exact pure-XLA rewrites.
 
 Why: XLA:CPU runs small 3D convolutions far below its matmul speed. At the shapes our U-Nets see
 (few channels, 5³–40³ voxels, batch 2–16) a `lax.conv_general_dilated` forward, and above all its
-kernel gradient (dW), costs several times what the same FLOPs cost as a matmul
-(benchmarks/results/layers.md). `conv3_same` computes exactly the same convolution as
-`lax.conv_general_dilated(x, w, (1,) * n, 'SAME')` (cross-correlation, no bias) with a
-`jax.custom_vjp` whose forward, input gradient and kernel gradient each use a "partial im2col"
-formulation:
+gradients, cost 4-18x what the same convolution costs in PyTorch (benchmarks/results/layers.md).
 
-  * the zero-padded input's 3^(n-1) shifts along the LAST n-1 spatial axes are stacked along the
-    channel axis (`[B, D+2, H, W, 3^(n-1) C]`; 9x the input's memory in 3D, 3x in 2D);
-  * the output is then the sum over the 3 taps of the FIRST spatial axis of one matmul each
-    (contraction length 3^(n-1) C): `y = sum_a xs[:, a:a+D] @ w[a]`;
-  * dX is the same operation on the output cotangent with the spatially flipped, in/out-swapped
-    kernel (a SAME stride-1 conv's transpose for an odd kernel is again one);
-  * dW[a] = xs[:, a:a+D]^T @ dy, 3 matmuls contracting over every voxel.
+`conv3_same(x, w, impl=...)` computes exactly `lax.conv_general_dilated(x, w, (1,) * n, 'SAME')`
+(cross-correlation, no bias), `conv3_s2(x, w, impl=...)` the stride-2 SAME convolution, in one of
+these formulations (`config.model.conv_impl`):
 
-On larger feature maps (above `_AUTO_MAX_VOXELS`) the stacked matmuls lose to XLA's convolution,
-but a lighter variant still wins in the backward pass: `conv3_wstacked` runs XLA's convolution
-forward, and for its gradients differentiates the equivalent "3 shifts along the LAST spatial axis
-stacked along channels (3x the input's memory) + one `3x..x3x1` convolution over 3C channels".
-That input gradient measured 2-3x faster than the plain convolution's and the kernel gradient
-10-30 % faster (benchmarks/results/layers.md); its forward was no faster, hence the plain one
-(or, for <= 4 input channels, the 9-shift matmuls, ~3x faster there).
+  * `'onednn'`: oneDNN's primitives as XLA FFI custom calls (`ssl3d_jax.ops.onednn`), forward and
+    both gradients; PyTorch's speed on CPU. Needs the C++ extension that `pip install` builds.
+  * `'taps2d'` (3D): the sum over the 3 taps of the first spatial axis of one batched 2D
+    convolution each (`y[:, d] = sum_a conv2d(x_pad[:, d + a], w[a])`), with a custom gradient
+    made of 2D convolutions too. XLA:CPU hands 2D convolutions to a faster library than its 3D
+    ones: fastest pure-XLA formulation on mid-sized and large maps (1.7-4x XLA's 3D conv).
+  * `'stacked'`: the zero-padded input's 3^(n-1) shifts along the last n-1 axes stacked along
+    channels, then one matmul per first-axis tap, with its own gradient (dX: the same with the
+    flipped, in/out-swapped kernel; dW: 3 matmuls over every voxel). Fastest on tiny maps (<= 4³).
+  * `'wstacked'`: XLA's convolution forward; its gradients differentiate "3 last-axis shifts
+    stacked along channels + one `3x..x3x1` convolution".
+  * `'xla'`: `lax.conv_general_dilated` itself (the reference, and what GPUs and TPUs run).
 
-The only difference from the XLA convolution is float summation order (tests: ~1e-6 relative in
-float32). `impl='xla'` keeps the plain `lax.conv_general_dilated` (the reference, and the fall
-back for layers where the rewrite does not win); `impl='auto'` picks per call from the static
-shape (see `auto_impl`).
+`'auto'` (`auto_impl`) picks per call from the platform, dtype and static shape: on CPU `'onednn'`
+where the extension is loaded and supports the dtype; otherwise, logged once with the reason, the
+fastest pure-XLA formulation measured for that shape: in 3D `'stacked'` up to 4³ voxels per
+sample, `'taps2d'` up to 64³, XLA's own above (memory: the rewrites' transient copies of 128³ maps
+cost more memory than they save time); in 2D XLA's own convolution (which beat the rewrites at
+every 2D shape measured). Off CPU always `'xla'`.
 
-Memory: the stacked copies are transient, but on large maps they raise the step's peak. At the
-paper's 2 x 128³ segmentation step, 'wstacked' on the 128³ level took the XLA:CPU scratch from
-5.2 to 9.5 GiB (benchmarks/remat_memory.py), so `auto` keeps XLA's convolution above
-`_AUTO_MAX_WSTACKED_VOXELS` (64³ per sample), where a map's 3x copy would cost more memory than
-it saves time on a CPU.
+The only difference between formulations is float summation order (tests: ~1e-6 relative in
+float32); parameters and checkpoints are the same whatever runs them.
 """
 
 from __future__ import annotations
@@ -43,23 +39,30 @@ import jax.numpy as jnp
 from jax import lax
 
 from ssl3d_jax.errors import ConfigError
+from ssl3d_jax.ops import onednn
 
 __all__ = [
     "conv3_same",
+    "conv3_s2",
     "conv3_xla",
+    "conv3_s2_xla",
+    "conv3_s2d",
+    "conv3_taps2d",
     "conv3_stacked",
     "conv3_wstacked",
     "auto_impl",
+    "resolve_impl",
+    "check_onednn",
     "CONV_IMPLS",
 ]
 
-CONV_IMPLS = ("auto", "stacked", "wstacked", "xla")
+CONV_IMPLS = ("auto", "onednn", "taps2d", "stacked", "wstacked", "xla")
 
-# `auto` uses the stacked formulation up to this many voxels per sample and channel product;
-# above it the XLA convolution's forward is competitive (benchmarks/results/layers.md).
-_AUTO_MAX_VOXELS = 16**3
-# Above it `auto` runs the plain XLA convolution (memory; module docstring).
-_AUTO_MAX_WSTACKED_VOXELS = 64**3
+# Without oneDNN, `auto` uses the stacked formulation up to this many voxels per sample (3D);
+# above it the batched 2D taps (benchmarks/results/layers.md).
+_AUTO_MAX_STACKED_VOXELS = 4**3
+# Above it `auto` without oneDNN runs the plain XLA convolution (memory; module docstring).
+_AUTO_MAX_REWRITE_VOXELS = 64**3
 # Above it, the forward of inputs with at most this many channels still uses the stacked matmuls
 # (2x40³ 4->8: 24 vs 67 ms, benchmarks/results/layers.md).
 _FEW_CHANNELS = 4
@@ -186,18 +189,119 @@ def _stacked_bwd(res, dy):
 conv3_stacked.defvjp(_stacked_fwd, _stacked_bwd)
 
 
-def auto_impl(x_shape: tuple[int, ...], platform: str | None = None) -> str:
-    """The formulation `impl='auto'` uses for an input of static shape `x_shape` on `platform`
-    (None: JAX's default backend). The rewrites were measured on XLA:CPU only; GPU and TPU keep
-    their vendor convolution kernels (`'xla'`)."""
-    if (platform or jax.default_backend()) != "cpu":
-        return "xla"
+def _dimension_numbers_2d():
+    return ("NHWC", "HWIO", "NHWC")
+
+
+def _conv2d(x: jax.Array, w: jax.Array) -> jax.Array:
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_dimension_numbers_2d())
+
+
+def _taps2d_forward(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`sum_a conv2d(x_pad[:, a : a + D], w[a])`, the depth axis folded into the batch."""
+    b, d, h, w_, c = x.shape
+    xp = jnp.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0), (0, 0)])
+    y = sum(_conv2d(xp[:, a : a + d].reshape(b * d, h, w_, c), w[a]) for a in range(3))
+    return y.reshape(b, d, h, w_, w.shape[-1]).astype(x.dtype)
+
+
+@jax.custom_vjp
+def conv3_taps2d(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`conv3_xla(x, w)` in 3D as 3 batched 2D convolutions (module docstring); same shapes.
+
+    The custom gradient keeps only `x` and `w` for the backward pass (autodiff would store the
+    three shifted copies of `x`): dX is the same formulation with the flipped, in/out-swapped
+    kernel, dW[a] the kernel gradient of tap a's 2D convolution.
+    """
+    return _taps2d_forward(x, w)
+
+
+def _taps2d_fwd(x, w):
+    return _taps2d_forward(x, w), (x, w)
+
+
+def _taps2d_bwd(res, dy):
+    x, w = res
+    dy = dy.astype(x.dtype)
+    b, d, h, w_, c = x.shape
+    dx = _taps2d_forward(dy, _transpose_kernel(w))
+    xp = jnp.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0), (0, 0)])
+    dy2 = dy.reshape(b * d, h, w_, dy.shape[-1])
+    dw = jnp.stack(
+        [
+            jax.vjp(lambda k, a=a: _conv2d(xp[:, a : a + d].reshape(b * d, h, w_, c), k), w[a])[1](
+                dy2
+            )[0]
+            for a in range(3)
+        ]
+    )
+    return dx, dw.astype(w.dtype)
+
+
+conv3_taps2d.defvjp(_taps2d_fwd, _taps2d_bwd)
+
+
+def _fallback_impl(x_shape: tuple[int, ...]) -> str:
+    """The fastest pure-XLA formulation measured for an input of static shape `x_shape`."""
+    if len(x_shape) != 5:
+        return "xla"  # 2D: XLA's own convolution beat the rewrites at every shape measured
     voxels = 1
     for s in x_shape[1:-1]:
         voxels *= int(s)
-    if voxels <= _AUTO_MAX_VOXELS:
+    if voxels <= _AUTO_MAX_STACKED_VOXELS:
         return "stacked"
-    return "wstacked" if voxels <= _AUTO_MAX_WSTACKED_VOXELS else "xla"
+    return "taps2d" if voxels <= _AUTO_MAX_REWRITE_VOXELS else "xla"
+
+
+def auto_impl(x_shape: tuple[int, ...], platform: str | None = None, dtype=jnp.float32) -> str:
+    """The formulation `impl='auto'` uses for an input of static shape `x_shape` and `dtype` on
+    `platform` (None: JAX's default backend): `'xla'` off CPU (GPU and TPU keep their vendor
+    kernels); on CPU `'onednn'` where the extension supports `dtype`, else the pure-XLA
+    formulation measured fastest for the shape (module docstring), logging once why."""
+    if (platform or jax.default_backend()) != "cpu":
+        return "xla"
+    if onednn.supports(dtype):
+        return "onednn"
+    if onednn.available():
+        name = jnp.dtype(dtype).name
+        onednn.warn_fallback_once(
+            f"{name} convolutions", reason=f"oneDNN has no {name} kernels for this CPU"
+        )
+    else:
+        onednn.warn_fallback_once("config.model.conv_impl='auto'")
+    return _fallback_impl(x_shape)
+
+
+def check_onednn(dtype=jnp.float32, platform: str | None = None) -> None:
+    """Raises `ConfigError` (naming config.model.conv_impl and why) unless oneDNN convolutions
+    can run `dtype` on `platform` (None: JAX's default backend)."""
+    platform = platform or jax.default_backend()
+    if platform != "cpu":
+        why = f"they run on CPU only, and this run's backend is {platform}"
+    elif onednn.supports(dtype):
+        return
+    else:
+        why = onednn.unavailable_reason() or f"no oneDNN {jnp.dtype(dtype).name} kernels here"
+    raise ConfigError(
+        f"config.model.conv_impl='onednn': oneDNN convolutions cannot run here ({why}). "
+        "Use 'auto' (falls back to the XLA path) or 'xla'."
+    )
+
+
+def resolve_impl(impl: str, x: jax.Array) -> str:
+    """`impl` with `'auto'` resolved for `x` (`auto_impl`); `'onednn'` checked to be usable.
+
+    Raises:
+      ConfigError: an unknown `impl`, or `'onednn'` where the extension is not loaded, does not
+        run `x`'s dtype, or the backend is not a CPU (the message says why).
+    """
+    if impl not in CONV_IMPLS:
+        raise ConfigError(f"config.model.conv_impl={impl!r}: expected one of {CONV_IMPLS}.")
+    if impl == "auto":
+        return auto_impl(x.shape, dtype=x.dtype)
+    if impl == "onednn":
+        check_onednn(x.dtype)
+    return impl
 
 
 def conv3_same(x: jax.Array, w: jax.Array, *, impl: str = "auto") -> jax.Array:
@@ -206,24 +310,28 @@ def conv3_same(x: jax.Array, w: jax.Array, *, impl: str = "auto") -> jax.Array:
     Args:
       x: `[B, *spatial, Cin]` with 2 or 3 spatial axes, floating point.
       w: `(3,) * n + (Cin, Cout)`, the dtype of `x` (cast both before calling).
-      impl: `'auto'` (by static shape, `auto_impl`), `'stacked'` (shifts + matmuls with its own
-        gradient), `'wstacked'` (last-axis shifts + one conv) or `'xla'`
-        (`lax.conv_general_dilated`).
+      impl: one of `CONV_IMPLS` (module docstring); `'taps2d'` in 2D is XLA's own convolution.
 
     Returns:
       `[B, *spatial, Cout]`, dtype of `x`.
     """
-    if impl not in CONV_IMPLS:
-        raise ConfigError(f"config.model.conv_impl={impl!r}: expected one of {CONV_IMPLS}.")
     n = x.ndim - 2
     if n not in (2, 3) or w.shape != (3,) * n + (x.shape[-1], w.shape[-1]):
         raise ConfigError(
             f"conv3_same expects x [B, *spatial, C] with 2 or 3 spatial axes and a kernel "
             f"(3,)*n + (C, O); got {x.shape} and {w.shape}."
         )
-    if impl == "auto":
-        impl = auto_impl(x.shape)
-    fn = {"stacked": conv3_stacked, "wstacked": conv3_wstacked, "xla": conv3_xla}[impl]
+    impl = resolve_impl(impl, x)
+    if impl == "onednn":
+        return onednn.conv(x, w)
+    if impl == "taps2d" and n == 2:
+        impl = "xla"
+    fn = {
+        "taps2d": conv3_taps2d,
+        "stacked": conv3_stacked,
+        "wstacked": conv3_wstacked,
+        "xla": conv3_xla,
+    }[impl]
     return fn(x, w)
 
 
@@ -235,7 +343,7 @@ def conv3_s2_xla(x: jax.Array, w: jax.Array) -> jax.Array:
     return lax.conv_general_dilated(x, w, (2,) * n, "SAME", dimension_numbers=_dimension_numbers(n))
 
 
-def conv3_s2(x: jax.Array, w: jax.Array) -> jax.Array:
+def conv3_s2d(x: jax.Array, w: jax.Array) -> jax.Array:
     """`conv3_s2_xla(x, w)` exactly, as space-to-depth + a stride-1 2x..x2 convolution.
 
     Why: XLA:CPU differentiates a stride-2 convolution wrt its input as an lhs-dilated
@@ -269,3 +377,21 @@ def conv3_s2(x: jax.Array, w: jax.Array) -> jax.Array:
     return lax.conv_general_dilated(
         x, wp, (1,) * n, [(0, 1)] * n, dimension_numbers=_dimension_numbers(n)
     )
+
+
+def conv3_s2(x: jax.Array, w: jax.Array, *, impl: str = "auto") -> jax.Array:
+    """3x..x3 stride-2 SAME convolution without bias (= `conv3_s2_xla`), `impl` as in
+    `conv3_same`: `'onednn'` runs oneDNN's strided convolution, `'xla'` XLA's, every other
+    formulation the exact space-to-depth rewrite `conv3_s2d`.
+
+    Args:
+      x: `[B, *spatial, Cin]`, 2 or 3 spatial axes of any size >= 1.
+      w: `(3,) * n + (Cin, Cout)`, dtype of `x`.
+
+    Returns:
+      `[B, *ceil(spatial / 2), Cout]`, dtype of `x`.
+    """
+    impl = resolve_impl(impl, x)
+    if impl == "onednn":
+        return onednn.conv(x, w, strides=(2,) * (x.ndim - 2))
+    return conv3_s2_xla(x, w) if impl == "xla" else conv3_s2d(x, w)

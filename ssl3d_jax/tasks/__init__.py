@@ -44,7 +44,8 @@ def encoder_config(config) -> dict:
     model reads its heads' compute dtype from `dtype` too.
 
     Raises:
-      ConfigError: an unknown `config.model.compute_dtype`, or a non-boolean `config.model.remat`.
+      ConfigError: an unknown `config.model.compute_dtype`, a non-boolean `config.model.remat`,
+        or `config.model.conv_impl='onednn'` where oneDNN convolutions cannot run.
     """
     from ssl3d_jax.models.layers import DOWNSAMPLES, check_conv_impl, compute_dtype
 
@@ -53,6 +54,10 @@ def encoder_config(config) -> dict:
     if not isinstance(remat, bool):
         raise ConfigError(f"config.model.remat={remat!r}: expected True or False.")
     conv_impl = check_conv_impl(m.get("conv_impl", "auto"))
+    if conv_impl == "onednn":  # before any data is read: the extension is missing, or no CPU
+        from ssl3d_jax.ops.conv import check_onednn
+
+        check_onednn(compute_dtype(m.get("compute_dtype", "float32")))
     downsample = m.get("downsample", "max_pool")
     if downsample not in DOWNSAMPLES:
         raise ConfigError(f"config.model.downsample={downsample!r}: expected one of {DOWNSAMPLES}.")
