@@ -296,9 +296,8 @@ def _build(kind: str, size: str, impl: str, mesh):
 
 def time_steps(size: str, repeats: int, kinds=STEP_KINDS) -> list[dict]:
     """Whole train steps: conv_impl 'xla', the pure-XLA fallback ('auto' with the extension
-    hidden) and 'auto' (oneDNN where built), interleaved; then the PyTorch twin's step."""
-    import train_step
-
+    hidden) and 'auto' (oneDNN where built), interleaved. The PyTorch ratio is train_step.py's
+    (fresh processes: in one process PyTorch's step slows down after ours)."""
     from ssl3d_jax import parallel
 
     mesh = parallel.make_mesh()
@@ -321,12 +320,6 @@ def time_steps(size: str, repeats: int, kinds=STEP_KINDS) -> list[dict]:
             for k, v in samples.items()
         }
         row = {"kind": kind, "times": t}
-        try:
-            torch_row = train_step.time_torch_step(kind, size, repeats)
-        except ImportError:
-            torch_row = None
-        if torch_row:
-            row["torch_s"] = torch_row["torch_median_s"]
         rows.append(row)
         print(_step_line(row), flush=True)
     return rows
@@ -395,57 +388,49 @@ def time_threads(size: str, repeats: int) -> list[dict]:
 
 
 NOTES = """
-## What was adopted, what was tried and did not help, what bounds us
+## What runs, what was tried and not adopted, what bounds us
 
-Adopted (`config.model.conv_impl='auto'`, ssl3d_jax/ops/conv.py; exact, same parameters; tests:
-tests/test_fast_layers.py):
+Adopted (`config.model.conv_impl='auto'`, ssl3d_jax/ops/conv.py and ops/onednn.py; exact, same
+parameters; tests: tests/test_onednn.py, tests/test_fast_layers.py):
 
-* feature maps of <= 16³ voxels: `stacked`, the 9 (H, W) shifts of the padded input stacked
-  along channels, then 3 matmuls over the D taps; custom VJP (dX = the same on the cotangent with
-  the flipped, transposed kernel; dW = 3 matmuls contracting over every voxel). XLA:CPU's
-  convolution has a large fixed cost at these sizes: 2-10x per layer, mostly on dW.
-* larger maps: `wstacked`, XLA's convolution forward (the 9-shift matmuls when Cin <= 4), and
-  the gradients of the equivalent
-  "3 W-shifts stacked along channels + one 3x3x1 conv": dX 2-3x and dW 10-30 % faster than the
-  plain convolution's (the stacked forward was not faster, so the plain forward is kept).
-* maps above 64³ voxels per sample: XLA's convolution. The 3x stacked copies are transient but
-  raise the peak: with `wstacked` on the 128³ level, the paper-size 2 x 128³ segmentation step
-  needed 9.5 GiB of XLA:CPU scratch instead of 5.2 (with the 64³ cap: 6.5 GiB; 3.15 with remat,
-  as before; benchmarks/remat_memory.md). Off CPU `auto` is always XLA's convolution (the
-  rewrites were measured on XLA:CPU only).
-* `config.model.downsample='conv'` (not the paper; default 'max_pool'): nnU-Net-style stride-2
-  conv + GroupNorm + ReLU per level, the conv computed as space-to-depth + a stride-1 2x2x2 conv
-  (`conv3_s2`), which avoids XLA's ~1 GFLOP/s stride-2 dX (cpu_measurements.md section 3).
+* On CPU, where the extension is built: oneDNN's convolution primitives as XLA FFI custom calls
+  for every 3x3x3 convolution of both models (and 3x3 in 2D, and the stride-2 conv of
+  `downsample='conv'`), forward, input gradient and kernel gradient. Per layer (table above)
+  they run 4-20x faster than XLA's convolution and about as fast as PyTorch's `nn.Conv3d`
+  (whose kernels are oneDNN's too; the oneDNN sum is three separately dispatched calls).
+  Activations are handed to oneDNN in JAX's channels-last layout: with format `any` oneDNN chose
+  blocked layouts, and the reorders to and from them plus a gemm-based kernel gradient for the
+  8-channel maps made the segmentation step 1.6x slower (oneDNN's verbose log). Kernels go
+  through oneDNN's preferred layout: the plain [D]HWIO layout made it pick gemm kernels for the
+  gradients (segmentation step 2.2x slower).
+* The up-convolution keeps the einsum + depth-to-space formulation under 'auto': oneDNN's
+  transposed convolution (`conv_impl='onednn'` forces it) was slower at every default shape
+  (table below).
+* Without the extension, the pure-XLA fallback: `taps2d` (the 3x3x3 conv as 3 batched 3x3 2D
+  convolutions over the depth taps, custom VJP), which XLA:CPU runs 2-5x faster than its 3D
+  convolution on the 5³-40³ maps; `stacked` on maps of <= 4³ voxels; XLA's own convolution
+  above 64³ voxels per sample (memory) and in 2D (XLA's 2D convolution beat every rewrite).
+* Threads: oneDNN runs each primitive on a GNU OpenMP team as wide as the cores; executions
+  are serialised by a mutex (`SSL3D_ONEDNN_SERIALIZE=0` lifts it) so that a layer's dX and dW,
+  which XLA dispatches concurrently, do not put two OpenMP teams on the same cores. On this
+  2-core machine both ways measure within noise (threads table); the default is the one that
+  cannot oversubscribe.
 
-Tried, not adopted (interleaved A/B on the same loaded 2-core machine, 2026-11-26):
+Tried, not adopted (interleaved A/B on this machine, 2026-12-04):
 
-* full im2col (27 shifts stacked, one matmul, plain autodiff): at 2x40³ 8->8 and 16->8 it was
-  1.2-1.8x SLOWER than XLA's conv forward and dX (the [N, 27 C] buffer is memory-bound);
-  the partial (9-shift) `stacked` dominates it at every size.
-* 9 (H, W) shifts + one 3x1x1 conv (plain autodiff): dX as fast as `wstacked` but fwd and dW
-  1.3-1.4x slower than XLA's at 40³.
-* `stacked` on the 20³ and 40³ maps: forward up to 2.8x faster when Cin = 4 (first layer), but
-  fwd and dW up to 1.2-1.6x slower for Cin >= 8 at 40³, so the 16³ threshold.
-* custom VJP for `max_pool2` (cotangent scattered through an `x == repeated max` mask):
-  2.5 -> 1.1 ms at 2x40³x8 (fwd+bwd, loaded machine), i.e. ~1 ms of a ~1 s step, and it would
-  send the cotangent to EVERY tied maximum instead of one; not adopted. GroupNorm + ReLU
-  fwd+bwd is <= 2 ms per layer (table below): a fused one-pass custom VJP cannot buy more than
-  ~1 % of the step.
-* XLA flags: measured not to help in cpu_measurements.md; not repeated.
+* a one-pass GroupNorm + ReLU with its own VJP (statistics and the two backward reductions in
+  one pass each): no faster than XLA's fusion of the autodiff (2x40³x8 and 2x40³x16);
+* a custom VJP for `max_pool2` that splits the cotangent among tied maxima as JAX does: the
+  same time as XLA's;
+* the kernels in the plain [D]HWIO layout wherever oneDNN's chosen kernel is not gemm-based (to
+  save the per-call weight reorders): no net change of the RPL step, and a slower first layer;
+* OMP_WAIT_POLICY=PASSIVE: no measurable change on 2 cores.
 
-What bounds us (run of 2026-11-26 03:28, load ~1-2, table below): the 2x40³ and 2x20³
-convolutions (Cin, Cout <= 16) cost 1.09 s of the 1.19 s that all the segmentation model's
-convolutions take (XLA, fwd + dX + dW summed per layer). There XLA:CPU's convolution runs at
-3-10 GFLOP/s (2x40³ 8->8: forward 46 ms = 9.7 GFLOP/s, dW 133 ms = 3.3 GFLOP/s), while
-PyTorch/oneDNN does the same layer's forward in 4.1 ms (109 GFLOP/s) and forward + backward in
-13 ms against XLA's 224 ms: 11-17x per layer. The stacked formulations swap XLA convolutions for
-matmuls, but a matmul with 8-16 output channels is memory-bound itself (far from the ~180
-GFLOP/s of a square f32 matmul), so the best formulation per part ("best-of sum") is still
-~12x behind oneDNN on these layers. Closing that gap needs a better 3D convolution kernel in
-XLA:CPU (its oneDNN / XNNPACK flags did not help, cpu_measurements.md), not a reformulation
-in JAX. Per part, `auto` also runs the first layer's
-forward (Cin <= 4) at 40³ with the 9-shift matmuls (24 vs 67 ms); the remaining gap to the
-best-of sum is the 20³/40³ forward with Cin >= 8, where no variant beat XLA consistently.
+What bounds us (benchmarks/results/profile_step.md, this machine): in the default segmentation
+step our oneDNN convolutions take about as long as PyTorch's (97 vs 91 ms of thread time per
+step: oneDNN 3.2 here, 3.12 inside PyTorch 2.13, and a weight reorder per call), and XLA's
+other work (GroupNorm, ReLU, pooling, the up-conv einsum and its transposes, concatenation, the
+Dice + CE loss, Adam) takes 66 ms against PyTorch's 51 (GroupNorm 30 + the rest 21).
 """
 
 
@@ -454,24 +439,17 @@ def _step_line(r: dict) -> str:
     cells = " | ".join(
         f"{t[k][0]:.4f} ({t[k][1]:.4f})" if k in t else "–" for k in ("xla", "fallback", "onednn")
     )
-    best = t.get("onednn", t["fallback"])[0]
-    torch_s = r.get("torch_s")
-    return (
-        f"| {r['kind']} | {cells} | {t['xla'][0] / t['fallback'][0]:.2f}× | "
-        f"{t['xla'][0] / best:.2f}× | {_fmt(torch_s, '{:.4f}')} | "
-        f"{_fmt(None if torch_s is None else best / torch_s, '{:.2f}×')} |"
-    )
-
-
-def _fmt(x, fmt):
-    return "–" if x is None else fmt.format(x)
+    onednn_speedup = f"{t['xla'][0] / t['onednn'][0]:.2f}×" if "onednn" in t else "–"
+    return f"| {r['kind']} | {cells} | {t['xla'][0] / t['fallback'][0]:.2f}× | {onednn_speedup} |"
 
 
 def markdown(report: dict) -> str:
     lines = [
         "# Per-layer and whole-step timings (benchmarks/layers.py)",
         "",
-        f"{report['date']}; machine: {report['machine']}; load average at start "
+        f"Command: `python benchmarks/layers.py --size={report['size']} "
+        f"--repeats={report['repeats']}`; {report['date']}; machine: {report['machine']}; "
+        "load average at start "
         f"{report['load']}. Wall ms, median of {report['repeats']} interleaved rounds.",
         "",
     ]
@@ -482,16 +460,15 @@ def markdown(report: dict) -> str:
             report.get("steps_note", "Built as benchmarks/train_step.py builds it; interleaved."),
             "",
             "| step | conv_impl='xla' | pure-XLA fallback | oneDNN ('auto') | fallback speed-up "
-            "| oneDNN speed-up | PyTorch s | ours / PyTorch |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| oneDNN speed-up |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         lines += [_step_line(r) for r in report["steps"]]
         lines += [
             "",
             "pure-XLA fallback = `conv_impl='auto'` with the oneDNN extension hidden (what runs "
-            "where it is not built); ours / PyTorch = the fastest of ours over the PyTorch twin's "
-            "step (benchmarks/torch_models.py, forward + backward + Adam, faster of NCDHW and "
-            "channels_last_3d; > 1: we are slower).",
+            "where it is not built). The ratio to PyTorch's step is in the train-step section "
+            "(benchmarks/train_step.py: each side in fresh processes).",
             "",
         ]
     if report.get("threads"):

@@ -17,7 +17,11 @@ and machine, under a header saying how the file was made.
                    data-wait fraction, memory as the dataset grows
   remat_memory     bf16 / remat memory of paper-size steps (compile only; issue 5)
   layers           per-layer fwd / dX / dW of every conv the default models run, for each exact
-                   formulation (ssl3d_jax/ops/conv.py) and PyTorch; whole step 'xla' vs 'auto'
+                   formulation (ssl3d_jax/ops/conv.py: XLA, the pure-XLA rewrites, oneDNN) and
+                   PyTorch; whole steps 'xla' vs the pure-XLA fallback vs oneDNN; oneDNN's
+                   threads serialised or not (issue 13)
+  profile_step     where the segmentation and RPL steps' time goes (convolutions vs the rest),
+                   ours and PyTorch's (issue 13)
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ BENCHMARKS = {
     "input_pipeline": ("input_pipeline.py", os.path.join(RESULTS, "input_pipeline.md")),
     "remat_memory": ("remat_memory.py", os.path.join(HERE, "remat_memory.md")),
     "layers": ("layers.py", os.path.join(RESULTS, "layers.md")),
+    "profile_step": ("profile_step.py", os.path.join(RESULTS, "profile_step.md")),
 }
+# Fragments measured on the lent accelerator machine (benchmarks/device/*.sh): assembled into
+# RESULTS.md when present, never run here (no accelerator on this project's machines or in CI).
+DEVICE_FRAGMENTS = ("h200_device.md", "h200_gpu_train_step.md", "h200_cpu16_train_step.md")
 
 HEADER = """# Benchmark results
 
@@ -85,6 +93,11 @@ def assemble(path: str = os.path.join(HERE, "RESULTS.md")) -> str:
         with open(md, encoding="utf-8") as f:
             text = f.read().strip()
         parts.append(_nest(text) + "\n\n")
+    for name in DEVICE_FRAGMENTS:
+        md = os.path.join(RESULTS, name)
+        if os.path.exists(md):
+            with open(md, encoding="utf-8") as f:
+                parts.append(_nest(f.read().strip()) + "\n\n")
     if missing:
         parts.append("Not yet run: " + ", ".join(missing) + ".\n")
     text = "".join(parts)

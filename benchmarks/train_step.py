@@ -164,11 +164,25 @@ def compiled_cost(compiled) -> dict:
     return {"flops": float(cost["flops"]), "memory_gib": (total - mem.alias_size_in_bytes) / 2**30}
 
 
-def _xla_flops(kind: str, size: str, mesh) -> float:
-    """XLA's FLOP count of `kind`'s step compiled with `conv_impl='xla'` (compiled, not run)."""
+def _xla_flops(kind: str, size: str) -> float:
+    """XLA:CPU's FLOP count of `kind`'s step with `conv_impl='xla'` (compiled, not run).
+
+    Every row's FLOPs come from this program, whatever ran: XLA counts custom calls as 0 FLOPs,
+    and the convolutions are custom calls both in the oneDNN program on CPU and in XLA:GPU's
+    (cuDNN) program."""
     spec = step_spec(kind, size, conv_impl="xla")
+    mesh = parallel.make_mesh(jax.devices("cpu")[:1])
     step, state, batch = build_step(spec, mesh)
     return compiled_cost(step.lower(state, batch).compile())["flops"]
+
+
+def recount_flops(report: dict) -> dict:
+    """`report` (a train_step JSON, e.g. from an accelerator) with every row's FLOPs and GFLOP/s
+    recounted by `_xla_flops` on this machine's CPU."""
+    for row in report["steps"]:
+        row["flops"] = _xla_flops(row["kind"], row["size"])
+        row["gflops_per_s"] = row["flops"] / row["median_s"] / 1e9
+    return report
 
 
 def time_jax_step(kind: str, size: str, steps: int) -> dict:
@@ -184,8 +198,8 @@ def time_jax_step(kind: str, size: str, steps: int) -> dict:
     compile_s = time.perf_counter() - t0
     cost = compiled_cost(compiled)
     custom_calls = compiled.as_text().count('custom_call_target="ssl3d_onednn_conv_')
-    if custom_calls:
-        cost["flops"] = _xla_flops(kind, size, mesh)
+    if custom_calls or jax.default_backend() != "cpu":
+        cost["flops"] = _xla_flops(kind, size)
     accum = step_lib.grad_accum_steps(spec["config"], spec["section"], mesh)
     times = []
     for i in range(steps + 1):  # the first run (allocation, warm-up) is not counted
@@ -549,7 +563,8 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     v = ", ".join(f"{k} {val}" for k, val in m["versions"].items() if val)
     lines = [
-        "### Train step: time, GFLOP/s, PyTorch ratio; memory and time to the first step",
+        "### Train step: time, GFLOP/s, PyTorch ratio; memory and time to the first step "
+        f"({m['backend']}, {m['cores']} cores)",
         "",
         f"Command: `{report['command']}`; {report['date']}.",
         "",
@@ -581,9 +596,9 @@ def markdown(report: dict) -> str:
         f"Median of {report['steps_timed']} steps after one warm-up step; compile = lower + "
         "compile of the jitted step (`config.model.conv_impl='auto'`: oneDNN convolutions on "
         "CPU where the extension is built). FLOPs: XLA's cost analysis (read as "
-        "benchmarks/step_flops.py:cost_of reads it) of the same step compiled with "
-        "`conv_impl='xla'`, because XLA counts the oneDNN custom calls as 0 FLOPs; the PyTorch "
-        "GFLOP/s uses the same FLOP count. "
+        "benchmarks/step_flops.py:cost_of reads it) of the same step compiled for XLA:CPU with "
+        "`conv_impl='xla'`, because XLA counts custom calls (oneDNN's on CPU, cuDNN's on GPU) "
+        "as 0 FLOPs; the PyTorch GFLOP/s uses the same FLOP count. "
         "PyTorch: the same network (benchmarks/torch_models.py), forward + backward + Adam, "
         f"{report.get('torch_note', '')} ratio = ours / PyTorch's faster layout, both timed in "
         f"fresh processes alternated over {report.get('rounds', 1)} rounds (ours, PyTorch, "
@@ -592,6 +607,12 @@ def markdown(report: dict) -> str:
         "setting the twins do not implement "
         "(2D, conv downsampling, batch-hard exemplar, other segmentation loss weights).",
     ]
+    if report.get("flops_recounted"):
+        lines += [
+            "",
+            f"FLOPs recounted afterwards on a CPU (same program, XLA:CPU): "
+            f"`{report['flops_recounted']}`.",
+        ]
     if report["phases"]:
         lines += [
             "",
@@ -622,7 +643,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", default="rpl,rotation,jigsaw,cpc,exemplar,finetune")
     p.add_argument("--sizes", default="default", help="comma list of smoke, default, paper")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per row (after warm-up)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row (after warm-up)")
     p.add_argument("--out", default=DEFAULT_OUT, help="writes <out>.json and <out>.md")
     p.add_argument(
         "--torch",
@@ -631,17 +652,40 @@ def main(argv=None) -> dict:
         help="time the PyTorch twins (default: when torch is importable)",
     )
     p.add_argument(
-        "--rounds", type=int, default=3, help="fresh-process rounds (ours, PyTorch) per row"
+        "--rounds", type=int, default=4, help="fresh-process rounds (ours, PyTorch) per row"
     )
     p.add_argument("--phases", default="pretrain,finetune", help="(d) phases; '' to skip")
     p.add_argument("--phase-size", default="default")
     p.add_argument("--phase-steps", type=int, default=3)
+    p.add_argument(
+        "--recount-flops",
+        default="",
+        help="rewrite <out>.{json,md} from this JSON with FLOPs recounted here (XLA:CPU)",
+    )
+    p.add_argument("--render", default="", help="only rewrite <out>.md from this JSON")
     p.add_argument("--child", choices=tuple(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child_main(args.child, args.phase_size, args.phase_steps, args.cache_dir)
         return {}
+    if args.render:
+        with open(args.render) as f:
+            report = json.load(f)
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(report))
+        return report
+    if args.recount_flops:
+        with open(args.recount_flops) as f:
+            report = recount_flops(json.load(f))
+        report["flops_recounted"] = "python benchmarks/train_step.py " + shlex.join(
+            sys.argv[1:] if argv is None else list(argv)
+        )
+        with open(args.out + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(report))
+        return report
 
     use_torch, torch_note = args.torch, ""
     if use_torch is not False:
