@@ -146,10 +146,14 @@ def render(results: dict, meta: dict) -> str:
     ]
     if meta["backend"] == "cpu":
         lines += [
-            "**These are XLA:CPU buffer-assignment figures; GPU numbers would differ.** In "
-            "particular XLA:CPU emulates bfloat16 convolutions in float32 (it converts operands "
-            "and results around each one), so the bf16 rows understate what bf16 saves on a "
-            "GPU / TPU, where convolutions read and write bfloat16 activations. The remat rows "
+            "**These are XLA:CPU buffer-assignment figures; GPU numbers would differ.** With "
+            "`conv_impl='auto'` and the oneDNN extension built, the convolutions are oneDNN "
+            "custom calls (bfloat16 ones native where the CPU supports them); each call's "
+            "scratch and layout buffers are allocated outside XLA and freed when it returns, so "
+            "they are not in these figures (the peak resident memory of the real "
+            "step: benchmarks/results/peak_memory.md). "
+            "Without the extension XLA:CPU emulates bfloat16 convolutions in float32, so there "
+            "the bf16 rows understate what bf16 saves on a GPU / TPU. The remat rows "
             "are compiled with `step.CPU_COMPILER_OPTIONS` (as `jit_train_step` does on CPU); "
             "the 'XLA:CPU default options' row shows that without them XLA:CPU undoes the remat "
             "(its `cse_barrier_expander` removes jax.checkpoint's barriers and CSE merges the "

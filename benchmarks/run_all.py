@@ -22,6 +22,8 @@ and machine, under a header saying how the file was made.
                    threads serialised or not (issue 13)
   profile_step     where the segmentation and RPL steps' time goes (convolutions vs the rest),
                    ours and PyTorch's (issue 13)
+  peak_memory      peak resident memory of the paper-size segmentation step, oneDNN vs XLA
+                   convolutions (issue 13)
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ BENCHMARKS = {
     "remat_memory": ("remat_memory.py", os.path.join(HERE, "remat_memory.md")),
     "layers": ("layers.py", os.path.join(RESULTS, "layers.md")),
     "profile_step": ("profile_step.py", os.path.join(RESULTS, "profile_step.md")),
+    "peak_memory": ("peak_memory.py", os.path.join(RESULTS, "peak_memory.md")),
 }
 # Fragments measured on the lent accelerator machine (benchmarks/device/*.sh): assembled into
 # RESULTS.md when present, never run here (no accelerator on this project's machines or in CI).
