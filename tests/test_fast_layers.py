@@ -207,6 +207,20 @@ def test_space_to_depth_stride2_conv_equals_lax(x_shape):
         _close(got, want)
 
 
+@pytest.mark.parametrize("x_shape", [(2, 7, 6, 3), (1, 70, 66, 66, 2)], ids=["2d", "3d-large"])
+def test_stride2_auto_without_onednn_is_space_to_depth(x_shape):
+    """Where 'auto' falls back to XLA's stride-1 convolution (2D, maps above 64³), the stride-2
+    conv must still be the space-to-depth rewrite: XLA's own stride-2 dX runs at ~1 GFLOP/s."""
+    n = len(x_shape) - 2
+    x = jnp.zeros(x_shape)
+    w = jnp.zeros((3,) * n + (x_shape[-1], 2))
+    with onednn.hidden("hidden by test_fast_layers"):
+        hlo = jax.jit(lambda x, w: conv3_s2(x, w, impl="auto")).lower(x, w).as_text()
+    assert "convolution" in hlo and "stride = [2" not in hlo, hlo
+    xla_hlo = jax.jit(lambda x, w: conv3_s2(x, w, impl="xla")).lower(x, w).as_text()
+    assert "stride = [2" in xla_hlo
+
+
 def test_encoder_conv_downsampling_fast_equals_nnx_conv():
     """downsample='conv': the s2d DownConv equals nnx.Conv(strides=2) in a whole encoder."""
     x = jax.random.normal(jax.random.key(8), (1, 5, 4, 3, 2))

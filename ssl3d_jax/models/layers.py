@@ -10,17 +10,18 @@ kernels of that rank; `max_pool2` reads it from its input's rank.
   `Conv2DTranspose(f, 2, 2)`), computed as one einsum + depth-to-space. XLA:CPU runs
   `ConvTranspose` stride 2 as an lhs-dilated convolution at ~1 GFLOP/s; the rewrite measured 60x
   faster forward and 13x faster forward + backward in 3D (cpu_measurements.md section 3). Same
-  parameters, same result.
+  parameters, same result. `conv_impl='onednn'` runs oneDNN's transposed convolution instead
+  (`ssl3d_jax.ops.onednn.conv_transpose2`; not faster than the einsum at the default shapes).
 * `DownConv`: nnU-Net-style learned downsampling (`config.model.downsample='conv'`, not the
-  paper's): a 3x..x3 stride-2 SAME conv -> GroupNorm -> ReLU, the conv computed exactly as
-  space-to-depth + a stride-1 2x..x2 conv (`ssl3d_jax.ops.conv.conv3_s2`), because XLA:CPU runs a
-  stride-2 conv's input gradient at ~1 GFLOP/s.
+  paper's): a 3x..x3 stride-2 SAME conv -> GroupNorm -> ReLU, the conv computed by oneDNN on
+  CPU, or exactly as space-to-depth + a stride-1 2x..x2 conv (`ssl3d_jax.ops.conv.conv3_s2`),
+  because XLA:CPU runs a stride-2 conv's input gradient at ~1 GFLOP/s.
 * `ConvBlock`: the original's "conv3d block" (or 2D "conv block"), two 3x..x3 SAME convolutions.
   With `conv_impl='auto'` (config.model.conv_impl's default) they run through
-  `ssl3d_jax.ops.conv.conv3_same`: the same parameters and the same convolution, computed on small
-  feature maps as stacked shifts + matmuls with a custom gradient and on large ones with the
-  last-axis shifts stacked along channels, which XLA:CPU runs faster than its plain convolution
-  (benchmarks/results/layers.md).
+  `ssl3d_jax.ops.conv.conv3_same`: the same parameters and the same convolution, computed on CPU
+  by oneDNN's primitives as FFI custom calls (`ssl3d_jax.ops.onednn`) where the extension is
+  built, else by the pure-XLA rewrite XLA:CPU runs fastest for the map's size
+  (benchmarks/results/layers.md); on GPU/TPU by XLA's convolution.
 
 Deviation from the original in `ConvBlock` (and the whole library): **GroupNorm instead of
 BatchNorm, placed before the ReLU** (the original did Conv+ReLU then BN). GroupNorm carries no
@@ -133,6 +134,8 @@ class UpConv2(nnx.Module):
       out_features: output channels.
       spatial_dims: n, 3 (volumes, default) or 2 (images).
       dtype: compute dtype (None: that of the promoted inputs); the parameters stay float32.
+      conv_impl: `'onednn'` runs oneDNN's transposed convolution; any other `CONV_IMPLS` value
+        the einsum (module docstring).
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
@@ -228,8 +231,9 @@ class ConvBlock(nnx.Module):
       dtype: compute dtype (None: float32 / the input's); parameters stay float32, GroupNorm
         statistics are float32 whatever the compute dtype (see the module docstring).
       conv_impl: how the convolutions are computed (`ssl3d_jax.ops.conv.conv3_same`): `'xla'`
-        (`nnx.Conv` as is, the module default), `'auto'` (by feature-map size; what
-        `config.model.conv_impl` defaults to), `'stacked'` or `'wstacked'`. Same result up to
+        (`nnx.Conv` as is, the module default), `'auto'` (oneDNN on CPU where built, else by
+        feature-map size; what `config.model.conv_impl` defaults to), `'onednn'`, `'taps2d'`,
+        `'stacked'` or `'wstacked'`. Same result up to
         float summation order, same parameters.
       rngs: `nnx.Rngs` for the initialisers.
 
@@ -312,15 +316,17 @@ class DownConv(nnx.Module):
     Not in the paper (which max-pools): the nnU-Net-style alternative, selected by
     `config.model.downsample='conv'`. The parameters are an `nnx.Conv(channels, channels,
     kernel_size=(3,) * n, strides=2, use_bias=False)` (`conv.kernel`) and an `nnx.GroupNorm`
-    (`norm`); with `conv_impl='xla'` the conv runs as that `nnx.Conv`, otherwise as the exact
-    space-to-depth rewrite `conv3_s2` (same result up to float summation order).
+    (`norm`); with `conv_impl='xla'` the conv runs as that `nnx.Conv`, otherwise through
+    `conv3_s2` (oneDNN, or the exact space-to-depth rewrite; same result up to float summation
+    order).
 
     Args:
       channels: input and output channels.
       num_groups: GroupNorm groups (see `group_count`).
       spatial_dims: 3 (default) or 2.
       dtype: compute dtype (None: float32); parameters stay float32.
-      conv_impl: `'xla'` (nnx.Conv) or any other `CONV_IMPLS` value (space-to-depth).
+      conv_impl: `'xla'` (nnx.Conv), `'onednn'` / `'auto'` (oneDNN where it runs) or any other
+        `CONV_IMPLS` value (space-to-depth).
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:

@@ -25,8 +25,9 @@ Deviations from the original:
   * GroupNorm instead of BatchNorm (see `layers.py`), logits instead of a softmax output.
   * Transposed convs are the exact einsum + depth-to-space rewrite `UpConv2` (XLA:CPU speed).
 
-Options that are not the paper's architecture or arithmetic: `conv_impl` (how the 3x..x3 convs
-are computed, `ssl3d_jax/ops/conv.py`: same parameters and results, speed only) and
+Options that are not the paper's architecture or arithmetic: `conv_impl` (how the convolutions
+are computed: oneDNN on CPU, XLA, or a pure-XLA rewrite, `ssl3d_jax/ops/conv.py`: same
+parameters and results, speed only) and
 `downsample='conv'` (an nnU-Net-style learned stride-2 conv block, `layers.DownConv`, instead of
 the paper's max-pool; extra parameters `encoder.pool{i}`; the default is 'max_pool').
 
@@ -108,8 +109,8 @@ class Encoder3D(nnx.Module):
       dropout_rate: element-wise dropout inside every block (original: 0.5).
       dtype: compute dtype (None / `jnp.float32`, or `jnp.bfloat16`); params stay float32.
       remat: rematerialise each block in the backward pass (see the module docstring).
-      conv_impl: how the 3x..x3 convolutions are computed (`ConvBlock`; 'xla' default, 'auto',
-        'stacked', 'wstacked'): same parameters and results, speed only.
+      conv_impl: how the convolutions are computed (`ConvBlock`; 'xla' default, 'auto',
+        'onednn', 'taps2d', 'stacked', 'wstacked'): same parameters and results, speed only.
       downsample: 'max_pool' (the paper, default) or 'conv' (not the paper: nnU-Net-style
         stride-2 conv + GroupNorm + ReLU per level, `layers.DownConv`, parameters `pool{i}`).
       rngs: `nnx.Rngs` for the initialisers.

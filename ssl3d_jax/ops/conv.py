@@ -189,12 +189,8 @@ def _stacked_bwd(res, dy):
 conv3_stacked.defvjp(_stacked_fwd, _stacked_bwd)
 
 
-def _dimension_numbers_2d():
-    return ("NHWC", "HWIO", "NHWC")
-
-
 def _conv2d(x: jax.Array, w: jax.Array) -> jax.Array:
-    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_dimension_numbers_2d())
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_dimension_numbers(2))
 
 
 def _taps2d_forward(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -381,8 +377,10 @@ def conv3_s2d(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def conv3_s2(x: jax.Array, w: jax.Array, *, impl: str = "auto") -> jax.Array:
     """3x..x3 stride-2 SAME convolution without bias (= `conv3_s2_xla`), `impl` as in
-    `conv3_same`: `'onednn'` runs oneDNN's strided convolution, `'xla'` XLA's, every other
-    formulation the exact space-to-depth rewrite `conv3_s2d`.
+    `conv3_same`: `'onednn'` (and `'auto'` where oneDNN runs) oneDNN's strided convolution,
+    `'xla'` XLA's, everything else the exact space-to-depth rewrite `conv3_s2d` (also where
+    `'auto'` falls back to XLA for a stride-1 conv: XLA's stride-2 input gradient is the slow
+    one, cpu_measurements.md section 3).
 
     Args:
       x: `[B, *spatial, Cin]`, 2 or 3 spatial axes of any size >= 1.
@@ -391,7 +389,8 @@ def conv3_s2(x: jax.Array, w: jax.Array, *, impl: str = "auto") -> jax.Array:
     Returns:
       `[B, *ceil(spatial / 2), Cout]`, dtype of `x`.
     """
-    impl = resolve_impl(impl, x)
-    if impl == "onednn":
+    if impl == "xla":
+        return conv3_s2_xla(x, w)
+    if resolve_impl(impl, x) == "onednn":
         return onednn.conv(x, w, strides=(2,) * (x.ndim - 2))
-    return conv3_s2_xla(x, w) if impl == "xla" else conv3_s2d(x, w)
+    return conv3_s2d(x, w)
