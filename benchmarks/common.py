@@ -28,3 +28,24 @@ def write_results(out: str, name: str, result: dict, markdown: str) -> None:
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(markdown)
     print(f"wrote {os.path.join(out, name)}.{{json,md}}")
+
+
+def run_child(script: str, env_var: str, payload, env: dict | None = None) -> dict:
+    """Run `script` in a fresh Python process with `payload` (JSON) in `$env_var`, and return
+    the JSON object it prints on its last line. A fresh process per measurement keeps one
+    runtime's threads, caches and peak memory out of the next one's figures.
+
+    Raises:
+      RuntimeError with the end of the child's stderr if it fails.
+    """
+    import subprocess
+    import sys
+
+    child_env = dict(os.environ if env is None else env)
+    child_env[env_var] = json.dumps(payload)
+    res = subprocess.run(
+        [sys.executable, os.path.abspath(script)], env=child_env, capture_output=True, text=True
+    )
+    if res.returncode:
+        raise RuntimeError(f"{script} {payload} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])

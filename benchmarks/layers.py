@@ -361,23 +361,15 @@ def time_threads(size: str, repeats: int) -> list[dict]:
     alternated over 3 rounds."""
     if not onednn.available():
         return []
-    import subprocess
-
     rows = []
     for kind in STEP_KINDS:
         samples = {"1": [], "0": []}
         for _ in range(3):
             for serialize in samples:
                 env = dict(os.environ, SSL3D_ONEDNN_SERIALIZE=serialize)
-                env[_THREADS_CHILD_ENV] = json.dumps([kind, size, repeats])
-                out = subprocess.run(
-                    [sys.executable, os.path.abspath(__file__)],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    check=True,
+                samples[serialize].append(
+                    common.run_child(__file__, _THREADS_CHILD_ENV, [kind, size, repeats], env)
                 )
-                samples[serialize].append(json.loads(out.stdout.strip().splitlines()[-1]))
         for serialize, runs in samples.items():
             row = {"kind": kind, "serialize": serialize == "1"}
             for key in runs[0]:

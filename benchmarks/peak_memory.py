@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -105,13 +104,9 @@ def main(argv=None) -> dict:
         "rows": [],
     }
     for impl in a.impls.split(","):
-        env = dict(os.environ, **{_CHILD_ENV: json.dumps([a.kind, a.size, impl, a.steps])})
-        res = subprocess.run(
-            [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True
+        report["rows"].append(
+            common.run_child(__file__, _CHILD_ENV, [a.kind, a.size, impl, a.steps])
         )
-        if res.returncode:
-            raise RuntimeError(f"{impl} failed:\n{res.stderr[-3000:]}")
-        report["rows"].append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(report["rows"][-1], flush=True)
     common.write_results(os.path.dirname(a.out), os.path.basename(a.out), report, markdown(report))
     return report

@@ -23,7 +23,6 @@ import glob
 import gzip
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -125,13 +124,9 @@ def _child(framework: str, kind: str, size: str, steps: int) -> None:
 
 
 def run(framework: str, kind: str, size: str, steps: int) -> dict:
-    env = dict(os.environ, **{_CHILD_ENV: json.dumps([framework, kind, size, steps])})
-    res = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True
-    )
-    if res.returncode:
-        raise RuntimeError(f"{framework} {kind} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    import common
+
+    return common.run_child(__file__, _CHILD_ENV, [framework, kind, size, steps])
 
 
 def markdown(report: dict) -> str:

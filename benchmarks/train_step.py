@@ -64,6 +64,7 @@ import optax  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # noqa: E402
 import step_flops  # noqa: E402
 
 from ssl3d_jax import parallel, tasks  # noqa: E402
@@ -429,13 +430,11 @@ def time_fresh_processes(kind: str, size: str, steps: int, rounds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="ssl3d_bench_cache_") as cache_dir:
         for _ in range(rounds):
             for framework in out:
-                env = dict(os.environ)
-                env[_STEP_CHILD_ENV] = json.dumps([framework, kind, size, steps, cache_dir])
-                cmd = [sys.executable, os.path.abspath(__file__)]
-                res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-                if res.returncode:
-                    raise RuntimeError(f"{framework} step child failed:\n{res.stderr[-3000:]}")
-                out[framework].append(json.loads(res.stdout.strip().splitlines()[-1]))
+                out[framework].append(
+                    common.run_child(
+                        __file__, _STEP_CHILD_ENV, [framework, kind, size, steps, cache_dir]
+                    )
+                )
     if not out["torch"][0]:
         return {}
     return {

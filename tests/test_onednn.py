@@ -31,6 +31,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from params_util import random_params
 from jax import lax
 
 from ssl3d_jax import parallel
@@ -265,18 +266,6 @@ def _loss_and_grads(graphdef, params, loss):
     return jax.device_get(f(params))
 
 
-def _random_params(build, seed=0):
-    """Random float32 params (no zero-initialised head blocks a gradient), norm scales ~1."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))), nnx.Param)
-    rng = np.random.default_rng(seed)
-
-    def draw(path, s):
-        x = rng.normal(scale=0.2, size=s.shape).astype(np.float32)
-        return x + 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else x
-
-    return graphdef, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(abstract))
-
-
 def _assert_same_loss_and_grads(a, b, what):
     (loss_a, _), grads_a = a
     (loss_b, _), grads_b = b
@@ -324,7 +313,7 @@ def test_segmentation_model_onednn_equals_xla(case):
                 **spec,
             )
 
-        graphdef, params = _random_params(build)
+        graphdef, params = random_params(build)
         results[impl] = _loss_and_grads(
             graphdef, params, lambda m: loss(m, batch, jax.random.key(0))
         )
@@ -352,7 +341,7 @@ def test_pretext_model_onednn_equals_xla(name):
         config.model.bottom_filters = 8
         config.model.conv_impl = impl
         task = importlib.import_module(f"ssl3d_jax.tasks.{name}").make_task(config, in_channels=2)
-        graphdef, params = _random_params(task.build_model)
+        graphdef, params = random_params(task.build_model)
         results[impl] = _loss_and_grads(
             graphdef, params, lambda m, t=task: t.loss(m, volumes, jax.random.key(3))
         )
@@ -381,7 +370,7 @@ def test_segmentation_step_accumulation_and_devices_with_onednn():
             rngs=rngs,
         )
 
-    graphdef, params = _random_params(build)
+    graphdef, params = random_params(build)
     # An "optimizer" whose new state is the gradient.
     tx = optax.GradientTransformation(
         init=lambda p: jax.tree.map(jnp.zeros_like, p),

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from params_util import random_params
 
 from ssl3d_jax import parallel, tasks
 from ssl3d_jax.checkpoint import Checkpointer, restore_encoder
@@ -73,20 +74,6 @@ def _capture() -> optax.GradientTransformation:
         init=lambda p: jax.tree.map(jnp.zeros_like, p),
         update=lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g),
     )
-
-
-def _random_params(build, seed=0):
-    """(graphdef, params) of `build`'s model with random float32 params, without compiling an
-    initialiser: N(0, 0.2) everywhere (no zero-initialised head blocks a gradient), norm scales
-    around 1."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))), nnx.Param)
-    rng = np.random.default_rng(seed)
-
-    def draw(path, s):
-        x = rng.normal(scale=0.2, size=s.shape).astype(np.float32)
-        return x + 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else x
-
-    return graphdef, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(abstract))
 
 
 def _state(tx, params, *, rng_seed=1, step=0, impl=None) -> TrainState:
@@ -274,7 +261,7 @@ def test_finetune_build_model_reads_the_precision_settings():
 def test_bf16_pretrained_encoder_restores_into_f32_and_bf16_finetuning(tmp_path):
     config = _config("rpl", dtype="bfloat16")
     task = _task(config)
-    _, params = _random_params(task.build_model, seed=3)
+    _, params = random_params(task.build_model, seed=3)
     state = _state(optax.sgd(0.1), params)
     meta = {"task": "rpl", "input": {"spatial_dims": 3, "in_channels": 2}}
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
@@ -325,7 +312,7 @@ def _seg_batch(batch_size: int, size: int, seed: int = 0) -> dict:
 def seg_step():
     """`(accum, num_devices) -> (grads, metrics, compiled HLO text)` of one capture step on the
     same batch of 32 8³ volumes through `jit_train_step`, each compiled once for the module."""
-    graphdef, params = _random_params(_seg_build())
+    graphdef, params = random_params(_seg_build())
     batch = _seg_batch(SEG_BATCH, 8)
     cache = {}
 
@@ -373,7 +360,7 @@ def test_accumulation_on_eight_devices_equals_one_device_without_gathering(seg_s
 
 
 def test_bf16_segmentation_loss_and_gradients_are_close_to_f32():
-    graphdef32, params = _random_params(_seg_build())
+    graphdef32, params = random_params(_seg_build())
     build16 = _seg_build(dtype=jnp.bfloat16)
     graphdef16, _ = nnx.split(nnx.eval_shape(lambda: build16(nnx.Rngs(0))), nnx.Param)
     batch = _seg_batch(2, 16, seed=3)
@@ -405,7 +392,7 @@ def test_bf16_segmentation_loss_and_gradients_are_close_to_f32():
 def test_remat_same_gradients_less_temp_memory():
     """Dropout on: the recomputed forward must draw the same masks as the stored one. Through
     `jit_train_step`, whose CPU compiler options keep XLA:CPU from undoing the remat."""
-    _, params = _random_params(_seg_build(dropout_rate=0.2))
+    _, params = random_params(_seg_build(dropout_rate=0.2))
     batch = _seg_batch(2, 16, seed=1)
     tx = _capture()
     mesh = parallel.make_mesh(jax.devices()[:1])
@@ -442,7 +429,7 @@ def test_accumulated_step_is_the_mean_of_micro_batch_gradients(name):
     config = _config(name)
     config.model.filters = (4,)  # one pooled level and the bottom: compile time
     task = _task(config)
-    graphdef, params = _random_params(task.build_model)
+    graphdef, params = random_params(task.build_model)
     volumes = np.random.default_rng(2).normal(size=(batch_size, 16, 16, 16, 2))
     volumes = volumes.astype(np.float32)
     # Micro-batch i = rows i, i + k, ... and key fold_in(step_key, i), built here independently.
