@@ -16,9 +16,10 @@
 // may be float32 or bfloat16, whatever the result buffer is).
 //
 // Implementation notes (each one a failure seen while building this):
-//  * Primitives are created with format `any` and cached per (kind, shapes, dtypes, geometry):
-//    oneDNN JIT-generates its kernels once per shape. User buffers are reordered to and from the
-//    primitive's preferred (blocked) layouts inside the call, into buffers owned by the call.
+//  * Primitives are cached per (kind, shapes, dtypes, geometry): oneDNN JIT-generates its kernels
+//    once per shape. Activations stay in JAX's channels-last layout (see `Build`); kernels are
+//    reordered to and from the primitive's preferred layout inside the call, into buffers owned
+//    by the call.
 //  * Scratchpad memory is per call (scratchpad_mode::user): XLA runs the input- and
 //    kernel-gradient convolutions of one layer concurrently, and a scratchpad shared between
 //    concurrent executions corrupted memory.
@@ -31,6 +32,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <sstream>
 #include <string>
 #include <unordered_map>
@@ -200,7 +202,7 @@ std::shared_ptr<Entry> Lookup(const Problem& p) {
 struct Buffer {
   void* ptr = nullptr;
   explicit Buffer(size_t bytes) {
-    if (bytes > 0 && posix_memalign(&ptr, 64, bytes) != 0) ptr = nullptr;
+    if (bytes > 0 && posix_memalign(&ptr, 64, bytes) != 0) throw std::bad_alloc();
   }
   ~Buffer() { std::free(ptr); }
   Buffer(const Buffer&) = delete;
