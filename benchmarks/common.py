@@ -49,3 +49,16 @@ def run_child(script: str, env_var: str, payload, env: dict | None = None) -> di
     if res.returncode:
         raise RuntimeError(f"{script} {payload} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def report_header(script: str, argv) -> dict:
+    """The command (`python benchmarks/<script> ARGS`), UTC date and machine of a report."""
+    import datetime
+    import sys
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    return {
+        "command": " ".join(["python", f"benchmarks/{os.path.basename(script)}", *args]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.platform()}",
+    }

@@ -15,12 +15,9 @@ Writes `<out>.json` and `<out>.md` (default benchmarks/results/peak_memory).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,7 +27,6 @@ _CHILD_ENV = "SSL3D_PEAK_MEMORY_CHILD"
 
 
 def _child(kind: str, size: str, impl: str, steps: int) -> None:
-    import jax
 
     import train_step
     from ssl3d_jax import parallel
@@ -40,12 +36,7 @@ def _child(kind: str, size: str, impl: str, steps: int) -> None:
     )
     compiled = step.lower(state, batch).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
+    times, _ = train_step.run_steps(compiled, state, batch, steps)
     with open("/proc/self/status") as f:
         hwm_kib = int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
     print(
@@ -95,9 +86,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args(argv)
     report = {
-        "command": "python benchmarks/peak_memory.py " + " ".join(argv or sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{common.cpu_name()}, {os.cpu_count()} cores, {platform.platform()}",
+        **common.report_header(__file__, argv),
         "kind": a.kind,
         "size": a.size,
         "steps": a.steps,

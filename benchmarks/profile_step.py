@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import glob
 import gzip
 import json
@@ -156,8 +155,6 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    import platform
-
     import common
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -167,9 +164,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args(argv)
     report = {
-        "command": "python benchmarks/profile_step.py " + " ".join(argv or sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{common.cpu_name()}, {os.cpu_count()} cores, {platform.platform()}",
+        **common.report_header(__file__, argv),
         "steps": a.steps,
         "rows": [],
     }

@@ -398,6 +398,19 @@ def time_torch_step(kind: str, size: str, steps: int) -> dict | None:
 _STEP_CHILD_ENV = "SSL3D_BENCH_STEP_CHILD"
 
 
+def run_steps(compiled, state, batch, steps: int, warmup: int = 0):
+    """`warmup + steps` calls of a compiled step; returns (the last `steps` wall times in s, the
+    final state)."""
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times, state
+
+
 def _step_child(framework: str, kind: str, size: str, steps: int, cache_dir: str) -> None:
     """Runs in a fresh process: `steps` steps of our step (`jax`) or the PyTorch twin's
     (`torch`), after a warm-up step; prints one JSON line."""
@@ -408,13 +421,7 @@ def _step_child(framework: str, kind: str, size: str, steps: int, cache_dir: str
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     step, state, batch = build_step(step_spec(kind, size), parallel.make_mesh())
     compiled = step.lower(state, batch).compile()
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        if i:
-            times.append(time.perf_counter() - t0)
+    times, _ = run_steps(compiled, state, batch, steps, warmup=1)
     print(json.dumps({"step_s": times, "median_s": statistics.median(times)}))
 
 

@@ -11,13 +11,12 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import jax  # noqa: E402
 import layers  # noqa: E402
+import train_step  # noqa: E402
 
 from ssl3d_jax import parallel  # noqa: E402
 
@@ -27,12 +26,7 @@ def main(kinds: str, steps: int) -> None:
     out = {}
     for kind in kinds.split(","):
         compiled, state, batch = layers._build(kind, "default", "auto", mesh)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t0)
+        times, _ = train_step.run_steps(compiled, state, batch, steps)
         out[kind] = statistics.median(times)
     print(json.dumps(out))
 
