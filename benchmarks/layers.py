@@ -102,6 +102,7 @@ def conv_shapes(size: str) -> list[dict]:
         (s0, s0, s0, IN_CHANNELS),
         patches_per_side=int(config.rpl.patches_per_side),
         jitter=int(config.rpl.jitter),
+        grid_fraction=float(config.rpl.get("grid_fraction", 1.0)),
     )[0]
     for model, b, s in (("segmentation", seg_b, seg_s), ("rpl", rpl_b, rpl_s)):
         sides = _ceil_halves(s, len(f))

@@ -81,6 +81,9 @@ def build(task: str, size: str) -> tuple[Callable, Callable, int, int]:
 
     `ours(volumes, key)` is jitted; `reference(volumes)` draws from `np.random`. Both return the
     same tuple of arrays (CPC: one array). Cached, so that every caller shares one jit cache.
+    Grid tasks use the original's grid over the whole volume (`grid_fraction` 1, the default of
+    the sampling functions), with the config's jitter: the NumPy reference knows no other grid,
+    and the two must do the same work.
     """
     config = load_config(task, size)
     if int(config.data.spatial_dims) != 3:

@@ -273,7 +273,10 @@ def torch_twin(kind: str, size: str):
     if kind == "pretext/rpl":
         r = spec_cfg.rpl
         p = patch_shape(
-            (s, s, s, IN_CHANNELS), patches_per_side=r.patches_per_side, jitter=r.jitter
+            (s, s, s, IN_CHANNELS),
+            patches_per_side=r.patches_per_side,
+            jitter=r.jitter,
+            grid_fraction=r.get("grid_fraction", 1.0),
         )
         ncls = r.patches_per_side**3 - 1
         model = torch_models.RPLModel(IN_CHANNELS, ncls, head_hidden=tuple(r.head_hidden), **widths)
@@ -302,7 +305,10 @@ def torch_twin(kind: str, size: str):
     if kind == "pretext/jigsaw":
         j = spec_cfg.jigsaw
         p = patch_shape(
-            (s, s, s, IN_CHANNELS), patches_per_side=j.patches_per_side, jitter=j.jitter
+            (s, s, s, IN_CHANNELS),
+            patches_per_side=j.patches_per_side,
+            jitter=j.jitter,
+            grid_fraction=j.get("grid_fraction", 1.0),
         )
         n, k = j.patches_per_side**3, int(j.num_permutations)
         model = torch_models.JigsawModel(
@@ -320,7 +326,12 @@ def torch_twin(kind: str, size: str):
 
         c = spec_cfg.cpc
         pps = int(c.patches_per_side)
-        p = patch_shape((s, s, s, IN_CHANNELS), patches_per_side=pps, jitter=c.jitter)
+        p = patch_shape(
+            (s, s, s, IN_CHANNELS),
+            patches_per_side=pps,
+            jitter=c.jitter,
+            grid_fraction=c.get("grid_fraction", 1.0),
+        )
         targets = torch.as_tensor(cpc.target_indices(pps, 3), dtype=torch.long)  # [cols, K]
         model = torch_models.CPCModel(
             IN_CHANNELS,

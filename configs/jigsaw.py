@@ -20,10 +20,17 @@ max-min Hamming selection, seeded by `jigsaw.permutation_seed`).
 Measured paper-size step (Adam, f32): 3D batch 8 (216 patches of 39³ × 4 channels) 44 ms and
 5.7 GiB peak on one H100; 2D batch 32 (288 tiles of 34²) 3 ms.
 
-`default` uses 40³ volumes (13³ cells, 10³ patches, batch 4) or 64² slices (21² cells, jitter 2,
-19² tiles, batch 16) and half-width encoders so that the whole pretrain → finetune → evaluate run
-fits a 2-core CPU in minutes. `smoke`: 24³ / 24² inputs (8-voxel cells, jitter 3: 5³ / 5²
-patches), batch 8.
+`default` uses 40³ volumes (batch 4) or 64² slices (batch 16) and half-width encoders so that the
+whole pretrain → finetune → evaluate run fits a 2-core CPU in minutes. `smoke`: 24³ / 24² inputs,
+batch 8.
+
+Grid position (`jigsaw.grid_fraction`, ssl3d_jax/ops/patches.py): `default` and `smoke` use a grid
+of cells `floor(0.5 · size) // 3` at a random origin per volume, jitter 1 (40³: 6³ cells, 5³
+patches; 64²: 10² cells, 9² tiles; 24³ / 24²: 4-voxel cells, 3³ / 3² patches). With the
+original's grid at the origin (40³: 13³ cells, jitter 3) a linear classifier placed a single
+patch in its cell with 0.91 held-out accuracy on the phantom (chance 0.04), so the puzzle could be
+solved patch by patch; with the random half-size grid 0.05 (docs/results/shortcut_audit.md).
+`paper` keeps the original's geometry (42³ cells over the whole 128³ volume, jitter 3).
 """
 
 from __future__ import annotations
@@ -39,12 +46,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task = "jigsaw"
     config.jigsaw = ml_collections.ConfigDict()
     config.jigsaw.patches_per_side = 3
-    # Jitter ≈ 7–10 % of the cell edge as in the original (3 of 42 in 3D, 8 of 74 in 2D). The
-    # paper 2D value follows jigsaw_2d.json (224² retina), kept at 128².
-    if dims == 3:
-        config.jigsaw.jitter = 3
+    # Share of each edge the grid covers; < 1 puts it at a random origin per volume (see above).
+    config.jigsaw.grid_fraction = 1.0 if size == "paper" else 0.5
+    # Jitter ≈ 7–10 % of the cell edge as in the original (3 of 42 in 3D, 8 of 74 in 2D), at least
+    # 1 voxel. The paper 2D value follows jigsaw_2d.json (224² retina), kept at 128².
+    if size != "paper":
+        config.jigsaw.jitter = 1
     else:
-        config.jigsaw.jitter = {"paper": 8, "default": 2, "smoke": 3}[size]
+        config.jigsaw.jitter = 3 if dims == 3 else 8
     config.jigsaw.num_permutations = 100
     config.jigsaw.permutation_seed = 0
     # The original's `big_fully` head is 2048 → 1024 (on 27 × 256 = 6912 features in 3D);
@@ -53,8 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.jigsaw.head_dropout = 0.0  # the original used 0.5; see ssl3d_jax/tasks/jigsaw.py
     if dims == 3:
         # Each example is 27 patches through the encoder; at default size batch 4 = 108 patches
-        # of 10³ per step (batch 8 measured 3.1 s/step on the shared 2-core CPU, like rotation's
-        # 4 × 40³; batch 4 measured 1.3 s under the same load).
+        # per step (with 10³ patches, before the random grid's 5³: batch 8 measured 3.1 s/step on
+        # the shared 2-core CPU, like rotation's 4 × 40³; batch 4 measured 1.3 s).
         config.pretrain.batch_size = {"paper": 8, "default": 4, "smoke": 8}[size]
         if size == "default":
             config.pretrain.num_steps = 300  # 27 encoder passes per example: minutes, not hours

@@ -1,15 +1,29 @@
 """The paper's data-efficiency protocol: label fractions × repetitions × arms, then a report.
 
-`config.mode='experiment'` runs it for one pretext task: pretrain once, then for every labelled
-fraction and repetition finetune each arm of `config.experiment.arms` ('pretrained', 'scratch',
-'probe') on exactly the same cases. `config.mode='sweep'` (configs/sweep.py) runs it for every task
-of `config.experiment.tasks` plus one from-scratch baseline, with one shared set of split files,
-and writes one report:
+`config.mode='experiment'` runs it for one pretext task: for every repetition pretrain once, then
+for every labelled fraction finetune each arm of `config.experiment.arms` ('pretrained',
+'scratch', 'probe' and the controls 'random_warmup', 'random_probe', see `finetune.SCHEDULES`) on
+exactly the same cases. `config.mode='sweep'` (configs/sweep.py) runs it for every task of
+`config.experiment.tasks` plus, once, the arms that do not depend on the task (`TASK_FREE_ARMS`),
+with one shared set of split files, and writes one report:
 
-    <workdir>/splits/split_<pct>pct_rep<r>.json   the labelled/test cases, shared by all methods
-    <workdir>/<task>/checkpoints                  pretraining of each task
+    <workdir>/splits/split_<pct>pct_rep<r>.json   the labelled/val/test cases, shared by all methods
+    <workdir>/<task>/rep<r>/checkpoints           pretraining of each task in repetition r
     <workdir>/<task>/runs/<pct>pct_rep<r>/finetune/<arm>/{checkpoints,predictions}, result.json
-    <workdir>/results.csv, results.md, results_<metric>.png
+    <workdir>/baselines/runs/<pct>pct_rep<r>/finetune/<arm>/...   scratch, random_warmup,
+                                                  random_probe (no pretraining)
+    <workdir>/results.csv, results_paired.csv, results.md, results_<metric>.png,
+    results_paired_<metric>.png                   (see `ssl3d_jax.report`)
+
+Repetitions. Repetition r redraws everything that is random in a run: the labelled subsets (a
+permutation of the training cases from `(config.seed, r)`, `data.fraction_splits`), the
+pretraining seed and the finetuning seed (decoder / read-out / random-encoder init, data order,
+dropout and augmentation keys), both `repetition_seed(config.seed, r) = config.seed + 1000 * r`
+(so repetition 0 is the main command's run). Each repetition pretrains its own encoder, shared by
+the fractions of that repetition. The test and validation cases are drawn from `config.seed` only
+and stay the same in every repetition, so that per-case scores pair up across methods and
+repetitions (`report.paired_differences`). The seeds are recorded in every result.json
+(`seeds`).
 
 Every finished (fraction, repetition, arm) leaves a `result.json`; a rerun of the same command
 skips those, so an interrupted sweep continues where it stopped.
@@ -32,15 +46,38 @@ from ssl3d_jax.train import finetune, pretrain
 
 log = logging.getLogger(__name__)
 
-ARMS = ("pretrained", "scratch", "probe")
+ARMS = finetune.ARMS
+# Arms whose result does not depend on the pretext task (no restored encoder): a sweep runs
+# them once, in <workdir>/baselines.
+TASK_FREE_ARMS = tuple(a for a in ARMS if a not in finetune.RESTORED_ARMS)
 # Sections a sweep shares with every task's own config (the task keeps its pretraining section:
 # batch sizes and steps differ per task).
 SHARED_SECTIONS = ("data", "model", "finetune", "experiment")
+# Seed of repetition r: config.seed + REPETITION_SEED_STRIDE * r (see the module docstring).
+REPETITION_SEED_STRIDE = 1000
+BASELINES_DIR = "baselines"
+
+
+def repetition_seed(seed: int, repetition: int) -> int:
+    """The pretraining and finetuning seed of `repetition`: `seed + 1000 * repetition`.
+
+    Within a run the seed is used as `seed` and `seed + 1` (pretraining: init key and data order;
+    finetuning: `fold_in(key(seed), 1)` and data order `seed + 1`), so the stride keeps the
+    repetitions' streams apart.
+    """
+    return int(seed) + REPETITION_SEED_STRIDE * int(repetition)
 
 
 def method_name(task: str, arm: str) -> str:
-    """Row label of a result: the task for its pretrained arm, 'scratch', or '<task> probe'."""
-    return {"pretrained": task, "scratch": "scratch", "probe": f"{task} probe"}[arm]
+    """Row label of a result: the task for its pretrained arm, 'scratch', '<task> probe',
+    'random_warmup' or 'random probe'."""
+    return {
+        "pretrained": task,
+        "scratch": "scratch",
+        "probe": f"{task} probe",
+        "random_warmup": "random_warmup",
+        "random_probe": "random probe",
+    }[arm]
 
 
 def _check_arms(arms) -> None:
@@ -49,16 +86,25 @@ def _check_arms(arms) -> None:
         raise ConfigError(f"config.experiment.arms={tuple(arms)}: expected a subset of {ARMS}")
 
 
+def with_seed(config, seed: int) -> ml_collections.ConfigDict:
+    """A copy of `config` whose `seed` is `seed` (the repetition's; `config` is unchanged)."""
+    out = config.copy_and_resolve_references()
+    with out.unlocked():
+        out.seed = int(seed)
+    return out
+
+
 def run_experiment(config, workdir: str, *, dataset=None, arms=None, mesh=None) -> list[dict]:
-    """Pretrain `config.task` (when an arm needs it), then finetune every fraction × repetition ×
-    arm; writes the report of this task into `workdir` and returns the result rows."""
+    """For every repetition: pretrain `config.task` (when an arm needs it) with the repetition's
+    seed, then finetune every fraction × arm; writes the report of this task into `workdir` and
+    returns the result rows."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     arms = tuple(config.experiment.arms if arms is None else arms)
     _check_arms(arms)
     dataset = data_lib.open_dataset(config) if dataset is None else dataset
     mesh = parallel.make_mesh() if mesh is None else mesh
-    base = data_lib.base_split(config, dataset)
+    base = data_lib.base_split(config, dataset)  # test / val / train: from config.seed only
     splits_dir = config.experiment.splits_dir or os.path.join(workdir, "splits")
     splits = data_lib.fraction_splits(
         base,
@@ -66,45 +112,110 @@ def run_experiment(config, workdir: str, *, dataset=None, arms=None, mesh=None) 
         repetitions=config.experiment.repetitions,
         seed=config.seed,
     )
-    needs_encoder = any(a in ("pretrained", "probe") for a in arms)
-    init_from = config.finetune.init_from
-    if needs_encoder and not init_from:
-        init_from = pretrain.run(
-            config, workdir, dataset, data_lib.pretraining_cases(dataset, base), mesh=mesh
+    fractions = sorted({f for f, _ in splits})
+    needs_encoder = any(a in finetune.RESTORED_ARMS for a in arms)
+    fixed_encoder = config.finetune.init_from
+    if needs_encoder and fixed_encoder and config.experiment.repetitions > 1:
+        log.warning(
+            "config.finetune.init_from=%s: every repetition restores this one encoder, so the "
+            "pretraining seed is not redrawn (the repetitions sample finetuning only)",
+            fixed_encoder,
         )
 
     rows = []
-    for (fraction, rep), split in sorted(splits.items()):
-        split = data_lib.load_or_write_split(splits_dir, split)
-        run_dir = os.path.join(workdir, "runs", f"{fraction * 100:g}pct_rep{rep}")
-        for arm in arms:
-            result = _finetune_once(config, run_dir, arm, split, dataset, init_from, mesh)
-            rows.append(
-                {
-                    "method": method_name(config.task, arm),
-                    "task": config.task,
-                    "arm": arm,
-                    "fraction": fraction,
-                    "repetition": rep,
-                    "num_labeled": len(split["labeled"]),
-                    "metrics": result["metrics"],
-                }
+    for rep in range(config.experiment.repetitions):
+        seed = repetition_seed(config.seed, rep)
+        rep_config = with_seed(config, seed)
+        init_from, pretrain_seed = fixed_encoder, None
+        if needs_encoder and not fixed_encoder:
+            # Pretraining reads the training cases only: never a validation or test case.
+            init_from = pretrain.run(
+                rep_config,
+                os.path.join(workdir, f"rep{rep}"),
+                dataset,
+                data_lib.pretraining_cases(dataset, base),
+                mesh=mesh,
+                val_cases=data_lib.select(dataset.cases, base["val"]),
             )
-    _write_report(rows, workdir, title=f"{config.task}: test metrics vs labelled fraction")
+            pretrain_seed = seed
+        for fraction in fractions:
+            split = data_lib.load_or_write_split(splits_dir, splits[fraction, rep])
+            run_dir = os.path.join(workdir, "runs", f"{fraction * 100:g}pct_rep{rep}")
+            for arm in arms:
+                restores = arm in finetune.RESTORED_ARMS
+                seeds = {
+                    "split": int(config.seed),  # test / val cases
+                    "labeled_subset": [int(config.seed), rep],  # np.random.default_rng(...)
+                    "pretrain": pretrain_seed if restores else None,
+                    "finetune": seed,
+                }
+                result = _finetune_once(
+                    rep_config,
+                    run_dir,
+                    arm,
+                    split,
+                    dataset,
+                    init_from if restores else None,
+                    mesh,
+                    seeds=seeds,
+                )
+                rows.append(
+                    {
+                        "method": method_name(config.task, arm),
+                        "task": None if arm in TASK_FREE_ARMS else config.task,
+                        "arm": arm,
+                        "fraction": fraction,
+                        "repetition": rep,
+                        "num_labeled": len(split["labeled"]),
+                        "metrics": result["metrics"],
+                        "val_metrics": result.get("val_metrics"),
+                        "per_case": per_case_scores(result),
+                        "seeds": result["seeds"],
+                    }
+                )
+    _write_report(
+        rows,
+        workdir,
+        title=f"{config.task}: test metrics vs labelled fraction",
+        notes=_protocol_notes(config, dataset),
+    )
     return rows
 
 
-def _finetune_once(config, run_dir, arm, split, dataset, init_from, mesh) -> dict:
+def per_case_scores(result: dict) -> dict:
+    """{test case: {metric: value}} of a finetuning result: segmentation's `dice_per_case` (Dice
+    and HD95 per region), classification's per-case correctness as 'accuracy' (QWK has no
+    per-case value)."""
+    if "dice_per_case" in result:
+        return result["dice_per_case"]
+    return {
+        case: {"accuracy": float(p["pred"] == p["target"])}
+        for case, p in result.get("per_case", {}).items()
+    }
+
+
+def _finetune_once(config, run_dir, arm, split, dataset, init_from, mesh, *, seeds) -> dict:
     path = os.path.join(run_dir, "finetune", arm, "result.json")
     if os.path.exists(path):
         with open(path) as f:
             result = json.load(f)
+        if result.get("seeds") != seeds:
+            raise ConfigError(
+                f"{path} was made with seeds {result.get('seeds')}, but this run would use "
+                f"{seeds} (an older version, or another config.seed): use a new --workdir or "
+                "delete the old results"
+            )
         log.info("%s: done before, %s", path, _fmt(result["metrics"]))
         return result
     t0 = time.time()
     result = finetune.run(config, run_dir, arm, split, dataset, init_from=init_from, mesh=mesh)
     result["wall_time_s"] = time.time() - t0
+    result["arm"] = arm
+    result["fraction"] = split["fraction"]
+    result["repetition"] = split["repetition"]
+    result["seeds"] = seeds
     result["labeled"] = list(split["labeled"])
+    result["val"] = list(split["val"])
     result["test"] = list(split["test"])
     data_lib.write_json(path, result)
     return result
@@ -161,7 +272,8 @@ def run_sweep(config, workdir: str) -> list[dict]:
     dataset = data_lib.open_dataset(config)
     mesh = parallel.make_mesh()
     rows = []
-    task_arms = tuple(a for a in arms if a != "scratch")
+    task_arms = tuple(a for a in arms if a not in TASK_FREE_ARMS)
+    free_arms = tuple(a for a in arms if a in TASK_FREE_ARMS)
     for task in tasks:
         if not task_arms:
             break
@@ -170,12 +282,13 @@ def run_sweep(config, workdir: str) -> list[dict]:
         rows += run_experiment(
             tc, os.path.join(workdir, task), dataset=dataset, arms=task_arms, mesh=mesh
         )
-    if "scratch" in arms:
-        # The from-scratch baseline does not depend on the pretext task: run it once.
-        log.info("=== sweep: scratch ===")
+    if free_arms:
+        # The from-scratch baseline and the random-encoder controls do not depend on the pretext
+        # task (nothing is restored): run them once.
+        log.info("=== sweep: %s ===", ", ".join(free_arms))
         tc = task_config(tasks[0], config)
         rows += run_experiment(
-            tc, os.path.join(workdir, "scratch"), dataset=dataset, arms=("scratch",), mesh=mesh
+            tc, os.path.join(workdir, BASELINES_DIR), dataset=dataset, arms=free_arms, mesh=mesh
         )
     _write_report(
         rows,
@@ -187,11 +300,20 @@ def run_sweep(config, workdir: str) -> list[dict]:
 
 
 def _sweep_notes(config, dataset, tasks) -> str:
+    return f"Tasks: {', '.join(tasks)}. " + _protocol_notes(config, dataset)
+
+
+def _protocol_notes(config, dataset) -> str:
+    reps = config.experiment.repetitions
     return (
         f"Dataset: {dataset.name} ({dataset.layout} layout at {dataset.root}), "
-        f"{len(dataset.cases)} cases, {config.data.num_test} held out for testing. "
-        f"Tasks: {', '.join(tasks)}; arms: {', '.join(config.experiment.arms)}; "
-        f"{config.experiment.repetitions} repetition(s) per fraction; "
-        f"{config.finetune.num_steps} finetuning steps per run whatever the fraction. "
-        "Cells: mean ± 95% CI half-width over repetitions (t distribution)."
+        f"{len(dataset.cases)} cases: {config.data.num_test} held out for testing, "
+        f"{config.data.get('num_val', 0)} for validation (scored in each result.json's "
+        "`val_metrics`, never pretrained on), the rest for training (pretraining and the "
+        f"labelled subsets). Arms: {', '.join(config.experiment.arms)}; {reps} repetition(s) "
+        "per fraction, repetition r with its own labelled subsets and its own pretraining and "
+        f"finetuning seed {config.seed} + {REPETITION_SEED_STRIDE}·r; the test cases are the "
+        f"same in every repetition. {config.finetune.num_steps} finetuning steps per run "
+        "whatever the fraction. Plots: mean over (repetition, test case) with a bootstrap 95% "
+        "CI (`ssl3d_jax.report`)."
     )

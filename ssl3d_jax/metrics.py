@@ -153,6 +153,12 @@ def region_dice(pred, target, regions) -> dict[str, float]:
     return {name: s.dice for name, s in region_stats(pred, target, regions).items()}
 
 
+# HD95 of a region present in exactly one of prediction and truth (missed, or falsely detected):
+# the BraTS challenge's evaluation scores it as 373.13 mm, the diagonal of the BraTS grid of
+# 240 × 240 × 155 voxels of 1 mm (sqrt(240² + 240² + 155²) = 373.129 mm).
+HD95_MISSING_MM = 373.13
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     # Face-connected erosion, as medpy/MONAI; voxels on the array border count as surface
     # (border_value=0), so a mask filling the whole crop still has a surface.
@@ -160,12 +166,16 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 
 def hausdorff95(pred_mask, target_mask, *, spacing=None) -> float:
-    """95th-percentile symmetric Hausdorff distance between two binary masks, in mm.
+    """95th-percentile symmetric Hausdorff distance between two binary masks, in mm (MONAI's).
 
     Surfaces are the mask voxels removed by one face-connected binary erosion. For each surface
     voxel of one mask the Euclidean distance (scaled by `spacing`) to the nearest surface voxel of
-    the other is taken; the result is the larger of the two directed 95th percentiles (the
-    medpy / MONAI / BraTS-challenge definition, so numbers compare with published HD95).
+    the other is taken, giving two directed distance sets; the result is the larger of their two
+    95th percentiles (numpy's linear interpolation). This is MONAI's
+    `compute_hausdorff_distance(..., percentile=95)`. It is not medpy's `hd95`, which takes one
+    95th percentile of the union of both directed sets, so the two differ whenever the sets'
+    tails do (e.g. directed sets {7, 5} and {5}: here max(6.9, 5) = 6.9; medpy the 95th
+    percentile of {5, 5, 7} = 6.8). Compare published HD95 only with the same definition.
 
     Args:
       pred_mask: bool (or 0/1) array, any number of dims (e.g. `[D, H, W]`).
@@ -173,10 +183,11 @@ def hausdorff95(pred_mask, target_mask, *, spacing=None) -> float:
       spacing: voxel size in mm per axis (a sequence of length ndim, or one number); None → 1.
 
     Returns:
-      Python float >= 0. Both masks empty → 0.0 (perfect: nothing to find, nothing found). Exactly
-      one empty → nan: the distance to an empty set is undefined, and any finite stand-in (the
-      image diagonal, 373 mm in BraTS) would depend on the volume size and dominate a mean.
-      Reports skip NaNs and say how many they skipped.
+      Python float >= 0. Exactly one mask empty (a missed region, or a false detection) →
+      `HD95_MISSING_MM`, as the BraTS evaluation scores it (whatever the volume's size, so that
+      a miss is always penalised and numbers compare with BraTS's). Both empty → nan: nothing to
+      find and nothing found has no distance; means leave such cases out and count them
+      (`mean_over_cases`).
     """
     pred, target = _check_pair(pred_mask, target_mask, "hausdorff95")
     pred = pred.astype(bool)
@@ -192,9 +203,9 @@ def hausdorff95(pred_mask, target_mask, *, spacing=None) -> float:
         )
     has_p, has_t = bool(pred.any()), bool(target.any())
     if not has_p and not has_t:
-        return 0.0
-    if has_p != has_t:
         return float("nan")
+    if has_p != has_t:
+        return HD95_MISSING_MM
 
     # Crop to the bounding box of both masks plus one voxel: the distance transform is
     # Euclidean (not geodesic), so distances between surface voxels inside the box are exact,
@@ -218,14 +229,37 @@ def region_hd95(pred, target, regions, *, spacing=None) -> dict[str, float]:
     Args: as `region_stats`, plus `spacing` as in `hausdorff95` (e.g. from the NIfTI header).
 
     Returns:
-      {name: float} in the order of `regions`; 0.0 when the region is absent from both, nan
-      when it is absent from exactly one (see `hausdorff95`).
+      {name: float} in the order of `regions`; `HD95_MISSING_MM` when the region is absent
+      from exactly one of prediction and target, nan when absent from both (see `hausdorff95`).
     """
     pred, target = _check_pair(pred, target, "region_hd95")
     return {
         name: hausdorff95(np.isin(pred, classes), np.isin(target, classes), spacing=spacing)
         for name, classes in _check_regions(regions, "region_hd95")
     }
+
+
+def mean_over_cases(per_case) -> tuple[dict[str, float], dict[str, int]]:
+    """Mean of each score over cases, NaN scores left out and counted.
+
+    Args:
+      per_case: {case: {score_name: float}}, every case with the same names (e.g. `region_dice`
+        merged with `'HD95 <region>'` of `region_hd95`).
+
+    Returns:
+      (means, n_excluded): {score_name: mean of its non-NaN values, nan when there are none},
+      {score_name: number of cases whose value was NaN and left out (HD95: the region absent
+      from both prediction and truth)}, both in the order of the first case's names.
+    """
+    cases = list(per_case.values())
+    names = list(cases[0]) if cases else []
+    means, n_excluded = {}, {}
+    for name in names:
+        values = np.asarray([float(c[name]) for c in cases], np.float64)
+        kept = values[~np.isnan(values)]
+        means[name] = float(kept.mean()) if kept.size else float("nan")
+        n_excluded[name] = int(values.size - kept.size)
+    return means, n_excluded
 
 
 # ------------------------------------------------------------------------------------------------

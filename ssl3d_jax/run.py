@@ -82,17 +82,24 @@ def run(config, workdir: str) -> dict | list | None:
     splits = data_lib.base_split(config, dataset)
     data_lib.write_json(os.path.join(workdir, "splits.json"), splits)  # process 0 only
     log.info(
-        "%d cases: %d train (%d labelled for finetuning), %d test",
+        "%d cases: %d train (%d labelled for finetuning), %d validation, %d test",
         len(dataset.cases),
         len(splits["train"]),
         len(splits["labeled"]),
+        len(splits["val"]),
         len(splits["test"]),
     )
     mesh = parallel.make_mesh()
 
     if config.mode in ("pretrain_finetune", "pretrain"):
+        # The training cases only; the pretext loss is also measured on the validation cases.
         pretrain.run(
-            config, workdir, dataset, data_lib.pretraining_cases(dataset, splits), mesh=mesh
+            config,
+            workdir,
+            dataset,
+            data_lib.pretraining_cases(dataset, splits),
+            mesh=mesh,
+            val_cases=data_lib.select(dataset.cases, splits["val"]),
         )
     if config.mode == "pretrain":
         return None
@@ -105,6 +112,11 @@ def run(config, workdir: str) -> dict | list | None:
         "splits": splits,
         "arms": {},
     }
+    # The pretraining's final pretext metrics vs chance (pretrain_summary.json of the workdir
+    # that holds the checkpoint folder), so that results from a run that learned nothing show it.
+    pretext = pretrain.read_summary(os.path.dirname(os.path.abspath(init_from)))
+    if pretext is not None:
+        results["pretext"] = pretext
     for arm in config.finetune.arms:
         results["arms"][arm] = finetune.run(
             config, workdir, arm, splits, dataset, init_from=init_from, mesh=mesh

@@ -474,6 +474,7 @@ def sample_rpl(volumes: np.ndarray, key, section) -> dict:
         patches_per_side=int(section.patches_per_side),
         jitter=int(section.jitter),
         training=True,
+        grid_fraction=float(section.get("grid_fraction", 1.0)),
     )
     pairs, labels = jax.jit(fn)(volumes, key)
     return {"pairs": np.asarray(pairs), "labels": np.asarray(labels)}
@@ -493,6 +494,7 @@ def sample_jigsaw(volumes: np.ndarray, key, section) -> dict:
         jitter=int(section.jitter),
         permutations=perms,
         training=True,
+        grid_fraction=float(section.get("grid_fraction", 1.0)),
     )
     puzzles, labels = jax.jit(fn)(volumes, key)
     return {"puzzles": np.asarray(puzzles), "labels": np.asarray(labels), "permutations": perms}
@@ -522,6 +524,7 @@ def sample_cpc(volumes: np.ndarray, key, section) -> dict:
         patch_crop=float(section.patch_crop),
         flip=bool(section.flip_patches),
         training=True,
+        grid_fraction=float(section.get("grid_fraction", 1.0)),
     )
     return {
         "patches": np.asarray(jax.jit(fn)(volumes, key)),

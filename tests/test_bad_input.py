@@ -256,10 +256,12 @@ def test_finetune_refuses_encoder_of_other_dimensionality(complete_run, tmp_path
 @pytest.mark.parametrize(
     "task_config, size, need, why",
     [
-        # 14 // 3 - 3 = 1: patches exist, but of one voxel (no shape error without the check).
-        (rpl_config, 14, 15, r"its 3x3x3 grid gives patches of 1 voxel\(s\) per axis"),
-        (jigsaw_config, 9, 15, r"its 3x3x3 grid gives patches of 0 voxel\(s\) per axis"),
-        (cpc_config, 7, 8, r"its 4x4x4 grid gives patches of 1 voxel\(s\) per axis"),
+        # The smoke configs' random grids (grid_fraction 0.5 / 0.6): patches of
+        # floor(f * size) // P - J voxels. floor(0.5 * 14) // 3 - 1 = 1: patches exist, but of
+        # one voxel (no shape error without the check); 18 gives 2.
+        (rpl_config, 14, 18, r"its 3x3x3 grid gives patches of 1 voxel\(s\) per axis"),
+        (jigsaw_config, 9, 18, r"its 3x3x3 grid gives patches of 0 voxel\(s\) per axis"),
+        (cpc_config, 7, 14, r"its 4x4x4 grid gives patches of 1 voxel\(s\) per axis"),
         (rotation_config, 1, 2, r"its encoder input would be 1 voxel\(s\) per axis"),
     ],
 )

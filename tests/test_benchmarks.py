@@ -206,9 +206,10 @@ def test_exemplar_flips_agree(volumes):
 
 
 EXPECTED_OUTPUTS = {
-    "rpl": [[2, 2, 5, 5, 5, 4, "float32"], [2, "int32"]],
+    # The whole-volume grid (grid_fraction 1) with the smoke configs' jitter of 1: 8³ cells.
+    "rpl": [[2, 2, 7, 7, 7, 4, "float32"], [2, "int32"]],
     "rotation": [[2, 24, 24, 24, 4, "float32"], [2, "int32"]],
-    "jigsaw": [[2, 27, 5, 5, 5, 4, "float32"], [2, "int32"]],
+    "jigsaw": [[2, 27, 7, 7, 7, 4, "float32"], [2, "int32"]],
     "cpc": [[2, 64, 6, 6, 6, 4, "float32"]],
     "exemplar": [[2, 24, 24, 24, 4, "float32"]] * 3 + [[2, "int32"]],
 }

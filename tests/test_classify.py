@@ -233,6 +233,37 @@ def test_scratch_trains_everything_from_the_shared_init(tmp_path, dataset, split
     assert any(not np.array_equal(v, init[k]) for k, v in final.items())
 
 
+def test_random_controls_are_their_arms_on_the_random_encoder(tmp_path, dataset, splits, mesh):
+    config = _config()
+    for control, arm in (("random_warmup", "pretrained"), ("random_probe", "probe")):
+        # The same model and init as the arm it controls (no restore).
+        ours, theirs = _init_params(config, control), _init_params(config, arm)
+        assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+        assert all(jax.tree.leaves(jax.tree.map(np.array_equal, ours, theirs)))
+    init = _init_params(config, "random_warmup")
+    result = classify.run(
+        config, str(tmp_path), "random_warmup", splits, dataset, init_from=None, mesh=mesh
+    )
+    assert result["restored_tensors"] == 0 and result["warmup_frozen_steps"] == WARMUP
+    assert result["trainable"] == "all"
+    assert not (tmp_path / "finetune" / "random_warmup" / "restored_params.json").exists()
+    # The frozen warm-up keeps the random encoder, then everything trains.
+    at_warmup = _encoder_leaves(_checkpoint_params(tmp_path, "random_warmup", WARMUP)["encoder"])
+    for k, v in _encoder_leaves(init["encoder"]).items():
+        np.testing.assert_array_equal(at_warmup[k], v)
+    final = _encoder_leaves(_checkpoint_params(tmp_path, "random_warmup", STEPS)["encoder"])
+    assert any(not np.array_equal(v, at_warmup[k]) for k, v in final.items())
+    result = classify.run(
+        config, str(tmp_path), "random_probe", splits, dataset, init_from=None, mesh=mesh
+    )
+    assert result["trainable"] == "head" and result["restored_tensors"] == 0
+    final = _checkpoint_params(tmp_path, "random_probe", STEPS)
+    init = _init_params(config, "random_probe")
+    assert set(final["head"]) == {"kernel", "bias"}  # the probe's linear layer
+    for k, v in _encoder_leaves(final["encoder"]).items():
+        np.testing.assert_array_equal(v, _encoder_leaves(init["encoder"])[k])
+
+
 def test_results_are_consistent_and_json_able(pretrained_run, splits):
     _, result = pretrained_run
     json.dumps(result)

@@ -17,6 +17,7 @@ from flax import nnx
 from ssl3d_jax import parallel
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.unet import Encoder3D
+from ssl3d_jax.ops.patches import patch_shape
 from ssl3d_jax.tasks import cpc
 from ssl3d_jax.train.step import init_params
 
@@ -380,6 +381,10 @@ def test_configs_build(arg):
     assert config.task == "cpc"
     cpc.make_task(config, in_channels=4)  # validates the section
     n = config.data.spatial_dims
-    p, j = config.cpc.patches_per_side, config.cpc.jitter
-    assert config.data.size // p - j >= 4  # patches large enough for the encoder
+    p, j, f = config.cpc.patches_per_side, config.cpc.jitter, config.cpc.grid_fraction
+    shape = (config.data.size,) * n + (1,)
+    edge = patch_shape(shape, patches_per_side=p, jitter=j, grid_fraction=f)[0]
+    # Patches large enough for the encoder; the random grid (f < 1) except at paper size.
+    assert edge >= (3 if config.size == "smoke" else 5), edge
+    assert (f == 1.0) == (config.size == "paper")
     assert cpc.target_indices(p, n).shape[1] >= 2

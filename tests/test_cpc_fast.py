@@ -16,8 +16,20 @@ from ssl3d_jax.ops.patches import extract_grid
 from ssl3d_jax.tasks import cpc
 
 
-def _reference(volumes, key, *, patches_per_side, jitter, volume_crop, patch_crop, flip, training):
-    """The step-wise `make_batch` before the fused gather (verbatim in substance)."""
+def _reference(
+    volumes,
+    key,
+    *,
+    patches_per_side,
+    jitter,
+    volume_crop,
+    patch_crop,
+    flip,
+    training,
+    grid_fraction=1.0,
+):
+    """The step-wise `make_batch` before the fused gather (verbatim in substance; the grid
+    fraction passed on to `extract_grid`)."""
 
     def one(volume, k):
         k_vol, k_grid, k_patch = jax.random.split(k, 3)
@@ -25,7 +37,12 @@ def _reference(volumes, key, *, patches_per_side, jitter, volume_crop, patch_cro
             crop = tuple(max(int(s * volume_crop), 1) for s in volume.shape[:-1])
             volume = cpc.random_crop_pad(volume, k_vol, crop_shape=crop)
         patches = extract_grid(
-            volume, k_grid, patches_per_side=patches_per_side, jitter=jitter, training=training
+            volume,
+            k_grid,
+            patches_per_side=patches_per_side,
+            jitter=jitter,
+            training=training,
+            grid_fraction=grid_fraction,
         )
         if training:
             keys = jax.random.split(k_patch, patches.shape[0])
@@ -86,3 +103,35 @@ def test_fused_make_batch_is_bit_identical_to_the_stepwise_version(case):
         assert (got == 0).any()  # the padding is exercised
     if training and flip:
         assert (got != want[:, :, ::-1]).any()  # nothing trivially symmetric hides a bug
+
+
+# (spatial shape, P, jitter, volume_crop, patch_crop, flip, training, grid_fraction)
+GRID_CASES = [
+    ((20, 20, 20), 4, 1, 0.95, 7 / 8, True, True, 0.6),  # the default's random grid, scaled
+    ((21, 17, 19), 3, 0, 0.9, 0.75, True, True, 0.5),  # odd, non-cubic
+    ((20, 20, 20), 4, 1, 0.95, 7 / 8, True, False, 0.6),  # validation: centred grid
+    ((24, 22), 5, 1, 1.0, 11 / 12, False, True, 0.7),  # 2D
+]
+
+
+@pytest.mark.parametrize("case", GRID_CASES, ids=lambda c: f"{_ids(c[:7] + ('float32',))}-f{c[7]}")
+def test_fused_make_batch_with_a_random_grid_is_bit_identical(case):
+    spatial, p, j, vc, pc, flip, training, f = case
+    ours, ref = _pair(
+        patches_per_side=p,
+        jitter=j,
+        volume_crop=vc,
+        patch_crop=pc,
+        flip=flip,
+        training=training,
+        grid_fraction=f,
+    )
+    x = jnp.asarray(np.random.default_rng(p).integers(1, 100, (2, *spatial, 2)), jnp.float32)
+    outs = []
+    for seed in (0, 1):
+        got, want = ours(x, jax.random.key(seed)), ref(x, jax.random.key(seed))
+        np.testing.assert_array_equal(
+            np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8)
+        )
+        outs.append(np.asarray(got))
+    assert training == (not np.array_equal(*outs))  # eval: centred grid, same for every key

@@ -123,7 +123,7 @@ def test_default_dataset_root(tmp_path, monkeypatch):
     monkeypatch.setenv("SSL3D_JAX_CACHE", str(tmp_path / "cache"))
     kw = dict(num_cases=1, shape=SHAPE, spacing=SPACING, seed=0)
     first = phantom.default_dataset_root(**kw)
-    assert first.parent == tmp_path / "cache" and first.name.startswith("brats_phantom-v1-")
+    assert first.parent == tmp_path / "cache" and first.name.startswith("brats_phantom-v2-")
     seg = first / "Phantom_000" / "Phantom_000_seg.nii.gz"
     mtime = seg.stat().st_mtime_ns
     assert phantom.default_dataset_root(**kw) == first

@@ -192,3 +192,146 @@ def test_export_errors(case4d, tmp_path):
     out = t.map(rec)
     with pytest.raises(ValueError, match="preprocessed shape"):
         export.to_native(out["label"][:4], out["geometry"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Class probabilities resampled to the scan's grid before the argmax (`probs_to_native`).
+
+
+def _resize_geometry():
+    # A model cube of 8³ resized from a 28 × 28 × 8 foreground box inside a 30 × 30 × 8 scan.
+    return {
+        "canonical_shape": [30, 30, 8],
+        "crop_box": [[1, 29], [1, 29], [0, 8]],
+        "resampled_shape": [28, 28, 8],
+        "fitted_shape": [8, 8, 8],
+        "fit": {"mode": "resize"},
+    }
+
+
+def test_probs_to_native_smooth_boundary_where_nearest_labels_staircase():
+    geometry = _resize_geometry()
+    # Tumour probability linear in the model grid's voxel-centre coordinates (in [0.07, 0.98]):
+    # the true boundary p = 0.5 is the oblique line 0.08 (x - 3.2) + 0.05 (y - 3.5) = 0.
+    x, y, _ = np.meshgrid(*[np.arange(8.0)] * 3, indexing="ij")
+    p1 = 0.5 + 0.08 * (x - 3.2) + 0.05 * (y - 3.5)
+    probs = np.stack([1.0 - p1, p1], -1).astype(np.float32)
+
+    # Expected: linear interpolation reproduces a linear function, so at each scan voxel the
+    # probability is the line evaluated at its centre mapped to model coordinates (edges aligned,
+    # clamped to the outermost centres, where the resampling repeats the edge value).
+    centres = np.clip((np.arange(28) + 0.5) * 8 / 28 - 0.5, 0, 7)
+    sx, sy = np.meshgrid(centres, centres, indexing="ij")
+    margin = 0.08 * (sx - 3.2) + 0.05 * (sy - 3.5)
+    assert np.abs(margin).min() > 1e-4  # no voxel on the boundary itself: no ties
+    expected = np.zeros((30, 30, 8), np.int32)
+    expected[1:29, 1:29, :] = (margin > 0)[..., None]
+
+    got = export.probs_to_native(probs, geometry)
+    assert got.shape == (30, 30, 8) and got.dtype == np.int32
+    np.testing.assert_array_equal(got, expected)
+
+    # The old way: argmax on the 8³ grid, labels copied to 3.5-voxel blocks: a staircase that
+    # misses the line by up to half a block.
+    nearest = export.to_native(probs.argmax(-1).astype(np.int32), geometry)
+    wrong = int((nearest != expected).sum())
+    assert wrong >= 8 * 10, wrong  # dozens of voxels along the staircase, in every slice
+
+
+@pytest.mark.parametrize("fit", [("crop_pad", 24), ("none", 8)])
+@pytest.mark.parametrize("crop", [True, False])
+def test_probs_to_native_identity_geometry_same_labels(case4d, fit, crop):
+    # No resampling anywhere (no resize, no target spacing): argmax then map back is exact, and
+    # the probability path must give the same labels.
+    mode, size = fit
+    image_path, label_path, _ = case4d
+    rec = _load_record(image_path, label_path)
+    out = preprocess.Preprocess(size=size, mode=mode, crop_foreground=crop, keep_geometry=True).map(
+        rec
+    )
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(len(LABEL_VALUES)), size=out["label"].shape).astype(np.float32)
+    got = export.probs_to_native(probs, out["geometry"])
+    np.testing.assert_array_equal(
+        got, export.to_native(probs.argmax(-1).astype(np.int32), out["geometry"])
+    )
+
+
+def test_probs_to_native_unseen_voxels_are_background():
+    # crop_pad window of 5 voxels cutting a 9-voxel resampled axis (the other axes whole or
+    # padded), then resampled 9 -> 17 back to the box. Everything the model saw is tumour: the
+    # voxels it never saw must stay background, the boundary where nearest neighbour puts it
+    # (odd resampled size: no voxel centre exactly on the boundary).
+    geometry = {
+        "canonical_shape": [20, 8, 6],
+        "crop_box": [[2, 19], [1, 6], [1, 5]],
+        "resampled_shape": [9, 5, 4],
+        "fitted_shape": [5, 5, 5],
+        "fit": {
+            "mode": "crop_pad",
+            "src": [[2, 7], [0, 5], [0, 4]],
+            "dst": [[0, 5], [0, 5], [0, 4]],
+        },
+    }
+    labels = np.ones((5, 5, 5), np.int32)
+    probs = np.eye(2, dtype=np.float32)[labels]
+    got = export.probs_to_native(probs, geometry)
+    want = export.to_native(labels, geometry)
+    assert 0 < want.sum() < (want.size - 100)
+    np.testing.assert_array_equal(got, want)
+    # Zero probabilities there instead of background (what `to_native` of floats gives) would let
+    # the tumour bleed into the unseen voxels next to the window.
+    assert (export.to_native(probs, geometry).argmax(-1) != want).any()
+
+
+def _forward_probs(label, geometry, k):
+    """Class probabilities on the model's grid of an ideal model: the case's one-hot label pushed
+    through the preprocessing's spatial steps linearly (each coarse voxel holds the fractions of
+    the classes it covers); voxels of the padding are background."""
+    box = tuple(slice(a, b) for a, b in geometry["crop_box"])
+    x = preprocess.resample_image(
+        np.eye(k, dtype=np.float32)[label][box], geometry["resampled_shape"]
+    )
+    fit = geometry["fit"]
+    if fit["mode"] == "resize":
+        return preprocess.resample_image(x, geometry["fitted_shape"])
+    out = np.zeros((*geometry["fitted_shape"], k), np.float32)
+    out[..., 0] = 1.0
+    out[tuple(slice(a, b) for a, b in fit["dst"])] = x[tuple(slice(a, b) for a, b in fit["src"])]
+    return out
+
+
+@pytest.mark.parametrize(
+    "mode,size,spacing",
+    [
+        ("resize", 16, (1.0, 1.0, 1.5)),
+        ("resize", 8, None),
+        ("crop_pad", 12, (1.5, 1.5, 2.0)),
+        ("crop_pad", 24, None),
+    ],
+)
+def test_probs_to_native_scan_shape_and_label_values(case4d, tmp_path, mode, size, spacing):
+    image_path, label_path, seg = case4d
+    rec = _load_record(image_path, label_path)
+    out = preprocess.Preprocess(size=size, mode=mode, spacing=spacing, keep_geometry=True).map(rec)
+    probs = _forward_probs(rec["label"], out["geometry"], len(LABEL_VALUES))
+    native = export.probs_to_native(probs, out["geometry"])
+    assert native.shape == rec["label"].shape and native.dtype == np.int32
+    path = export.save_prediction(
+        native, image_path, tmp_path / "pred.nii.gz", label_values=LABEL_VALUES
+    )
+    data = np.asarray(nib.load(str(path)).dataobj)
+    assert data.shape == SHAPE
+    assert set(np.unique(data).tolist()) == set(LABEL_VALUES)  # 0, 1, 2 and 4, nothing else
+    back, _ = nifti.load_nifti(path, dtype=np.int32)
+    np.testing.assert_array_equal(back, np.asarray(LABEL_VALUES)[native])  # class 3 <-> 4
+    if spacing is None and mode == "crop_pad":
+        np.testing.assert_array_equal(data, seg)  # no resampling: the labels come back exactly
+        return
+    # Resampled: the blobs come back close to the truth, closer than the nearest-neighbour
+    # staircase of the argmax labels (blobs only ~2-5 model voxels across here).
+    nearest = export.to_native(probs.argmax(-1).astype(np.int32), out["geometry"])
+    ours = [_dice(native == c, rec["label"] == c) for c in range(1, len(LABEL_VALUES))]
+    old = [_dice(nearest == c, rec["label"] == c) for c in range(1, len(LABEL_VALUES))]
+    assert min(ours) > 0.85, ours
+    assert np.mean(ours) > np.mean(old) + 0.03, (ours, old)

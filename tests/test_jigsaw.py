@@ -18,7 +18,7 @@ from flax import nnx
 from configs import jigsaw as jigsaw_config
 from ssl3d_jax import parallel
 from ssl3d_jax.errors import ConfigError
-from ssl3d_jax.ops.patches import extract_grid
+from ssl3d_jax.ops.patches import extract_grid, patch_shape
 from ssl3d_jax.tasks import get_task, jigsaw
 from ssl3d_jax.train.step import init_params
 
@@ -129,18 +129,18 @@ def test_labels_reorder_cell_constant_patches(dims, training):
     assert set(np.concatenate(all_labels).tolist()) == set(range(K))  # every class drawn
 
 
+@pytest.mark.parametrize("grid_fraction", [1.0, 0.7])
 @pytest.mark.parametrize("dims", DIMS)
-def test_sample_puzzle_equals_permuted_extract_grid(dims):
+def test_sample_puzzle_equals_permuted_extract_grid(dims, grid_fraction):
     perms = jigsaw.permutation_set(K, P**dims)
     shape = (SIDE, 16, 17, 2)[-(dims + 1) :]
     vol = jax.random.normal(jax.random.key(1), shape)
     for training in (True, False):
         key = jax.random.key(7)
-        shuffled, label = jigsaw.sample_puzzle(
-            vol, key, patches_per_side=P, jitter=J, permutations=perms, training=training
-        )
+        kw = dict(patches_per_side=P, jitter=J, training=training, grid_fraction=grid_fraction)
+        shuffled, label = jigsaw.sample_puzzle(vol, key, permutations=perms, **kw)
         key_grid, _ = jax.random.split(key)
-        grid = extract_grid(vol, key_grid, patches_per_side=P, jitter=J, training=training)
+        grid = extract_grid(vol, key_grid, **kw)
         np.testing.assert_array_equal(np.asarray(shuffled), np.asarray(grid)[perms[int(label)]])
 
 
@@ -180,7 +180,10 @@ def test_make_batch_determinism(dims):
 
 def _config(dims):
     config = jigsaw_config.get_config("smoke" if dims == 3 else "smoke,2d")
-    # Smaller than smoke for test speed: 24^3 / 24^2 inputs, jitter 3 -> 5^3 / 5^2 patches.
+    # Smaller than smoke for test speed: 24^3 / 24^2 inputs, jitter 3 -> 5^3 / 5^2 patches, on the
+    # original's whole-volume grid (the model's mechanics; the random grid: test_patches.py).
+    config.jigsaw.grid_fraction = 1.0
+    config.jigsaw.jitter = 3
     config.model.filters = (4, 8)
     config.model.bottom_filters = 8
     config.jigsaw.head_hidden = (32,)
@@ -302,7 +305,15 @@ def test_configs():
     paper2d = jigsaw_config.get_config("paper,2d")
     assert paper2d.data.spatial_dims == 2 and paper2d.jigsaw.jitter == 8
     assert paper2d.pretrain.batch_size == 32 and paper2d.pretrain.learning_rate == 1e-5
+    assert paper.jigsaw.grid_fraction == paper2d.jigsaw.grid_fraction == 1.0  # the original grid
     for arg in ("", "2d", "smoke", "smoke,2d"):
         c = jigsaw_config.get_config(arg or None)
-        cell = c.data.size // c.jigsaw.patches_per_side
-        assert cell - c.jigsaw.jitter >= 5, (arg, cell, c.jigsaw.jitter)
+        j = c.jigsaw
+        shape = (c.data.size,) * c.data.spatial_dims + (1,)
+        # A random grid covering half of each edge (docs/results/shortcut_audit.md), jitter >= 1;
+        # patches large enough for the encoder (3 at smoke, 5 at default size).
+        assert j.grid_fraction == 0.5 and j.jitter >= 1
+        edge = patch_shape(
+            shape, patches_per_side=j.patches_per_side, jitter=j.jitter, grid_fraction=0.5
+        )[0]
+        assert edge >= (3 if c.size == "smoke" else 5), (arg, edge)

@@ -30,7 +30,14 @@ def test_default_command_end_to_end_smoke(smoke_run):
     # Metrics of every phase, one JSON object per line, finite losses.
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     phases = {r["phase"] for r in records}
-    assert phases == {"pretrain", "pretrain/knn", "finetune/pretrained", "finetune/scratch"}
+    # pretrain/val: the pretext loss on the held-out validation cases.
+    assert phases == {
+        "pretrain",
+        "pretrain/knn",
+        "pretrain/val",
+        "finetune/pretrained",
+        "finetune/scratch",
+    }
     assert [r["step"] for r in records if r["phase"] == "pretrain"] == [1, 2, 3, 4]
     # The online kNN probe of the encoder ran every 2 steps (smoke) during pretraining.
     knn = [r for r in records if r["phase"] == "pretrain/knn"]
@@ -44,6 +51,8 @@ def test_default_command_end_to_end_smoke(smoke_run):
         assert set(arm["dice_mean"]) == {"WT", "TC", "ET"}
         assert all(0.0 <= v <= 1.0 for v in arm["dice_mean"].values())
         assert len(arm["dice_per_case"]) == arm["num_test"] == 2
+        # The validation case is scored too (config.data.num_val=1 at smoke size).
+        assert arm["num_val"] == 1 and set(arm["val_metrics"]) == set(arm["metrics"])
         # One prediction NIfTI per test case, in the scan's own grid (shape and affine).
         for case in results["splits"]["test"]:
             pred = nib.load(f"{arm['predictions']}/{case}_pred.nii.gz")
@@ -56,9 +65,11 @@ def test_default_command_end_to_end_smoke(smoke_run):
     assert results["arms"]["scratch"]["restored_tensors"] == 0
     restored = json.loads((workdir / "finetune/pretrained/restored_params.json").read_text())
     assert restored["step"] == 4 and restored["missing"] == []
-    # The split is saved and pretraining never saw the test cases.
+    # The split is saved and pretraining never saw the test or validation cases.
     splits = json.loads((workdir / "splits.json").read_text())
     assert not set(splits["test"]) & set(splits["train"])
+    assert len(splits["val"]) == 1 and not set(splits["val"]) & set(splits["train"])
+    assert not set(splits["val"]) & set(splits["test"])
     assert set(splits["labeled"]) <= set(splits["train"])
 
 

@@ -77,10 +77,16 @@ def test_decathlon_brain_4d_scratch(tmp_path):
     labels = json.loads((root / "dataset.json").read_text())["labels"]
     regions = {v for k, v in labels.items() if k != "0"}
     assert set(arm["metrics"]) == regions | {f"HD95 {r}" for r in regions}
+    both_empty = {f"HD95 {r}": 0 for r in regions}
     for scores in arm["dice_per_case"].values():
-        for r in regions:  # mm; NaN only where exactly one of prediction and truth is empty
+        for r in regions:  # mm; NaN only where both prediction and truth are empty
             hd = scores[f"HD95 {r}"]
-            assert hd != hd or hd >= 0.0
+            assert hd != hd or 0.0 <= hd <= 373.13
+            both_empty[f"HD95 {r}"] += hd != hd
+    # Those cases are left out of the means and counted; Dice never is.
+    assert arm["n_excluded"] == {r: 0 for r in regions} | both_empty
+    # The Dice of the old nearest-neighbour label mapping is reported beside the metrics.
+    assert set(arm["dice_nearest_argmax_mean"]) == regions
     # Predictions of a 4D (modalities on the last axis) scan are 3D label maps on its grid.
     _check_predictions(
         arm,

@@ -165,9 +165,13 @@ def test_hausdorff95_empty_masks_and_bad_spacing():
     z = np.zeros((4, 4, 4), bool)
     one = z.copy()
     one[1, 1, 1] = True
-    assert metrics.hausdorff95(z, z) == 0.0
-    assert np.isnan(metrics.hausdorff95(one, z))
-    assert np.isnan(metrics.hausdorff95(z, one))
+    # BraTS scoring: a missed region and a false detection cost the BraTS image diagonal.
+    assert metrics.HD95_MISSING_MM == 373.13
+    assert metrics.HD95_MISSING_MM == pytest.approx(np.sqrt(240**2 + 240**2 + 155**2), abs=5e-3)
+    assert metrics.hausdorff95(z, one) == 373.13  # missed: in the truth, not predicted
+    assert metrics.hausdorff95(one, z) == 373.13  # false detection: predicted, not in the truth
+    assert metrics.hausdorff95(z, one, spacing=(2.0, 2.0, 2.0)) == 373.13  # in mm, any grid
+    assert np.isnan(metrics.hausdorff95(z, z))  # nothing to find, nothing found: no distance
     with pytest.raises(ValueError, match="spacing"):
         metrics.hausdorff95(one, one, spacing=(1.0, 1.0))
     with pytest.raises(ValueError, match="spacing"):
@@ -179,11 +183,77 @@ def test_region_hd95():
     true[1, 1, 1] = 1
     pred = np.zeros_like(true)
     pred[4, 1, 1] = 1
-    pred[6, 6, 6] = 2  # tumour predicted, none in the truth → undefined distance
+    pred[6, 6, 6] = 2  # tumour predicted, none in the truth → a false detection
     d = metrics.region_hd95(pred, true, PANCREAS, spacing=(1.5, 1.0, 1.0))
     assert d["pancreas"] == pytest.approx(4.5)
-    assert np.isnan(d["tumour"])
-    assert metrics.region_hd95(true, true, PANCREAS) == {"pancreas": 0.0, "tumour": 0.0}
+    assert d["tumour"] == metrics.HD95_MISSING_MM
+    # Tumour missed: in the truth, absent from the prediction.
+    assert metrics.region_hd95(true, pred, PANCREAS)["tumour"] == metrics.HD95_MISSING_MM
+    same = metrics.region_hd95(true, true, PANCREAS)  # no tumour in either
+    assert same["pancreas"] == 0.0 and np.isnan(same["tumour"])
+
+
+def test_hausdorff95_is_monai_definition_not_medpy():
+    # 2D, anisotropic: a 3 × 3 square against a 1 × 2 bar plus a far voxel. The two directed
+    # distance sets have different tails, so MONAI's max of the two directed 95th percentiles
+    # and medpy's 95th percentile of their union differ; both computed by brute force.
+    pred = np.zeros((9, 12), bool)
+    pred[1:4, 1:4] = True
+    target = np.zeros((9, 12), bool)
+    target[2, 2:4] = True
+    target[7, 10] = True
+    sp = np.array([1.0, 0.7])
+
+    def surface_mm(m):
+        # Surface as defined for both: the voxels a face-connected erosion removes.
+        pts = []
+        for i, j in np.argwhere(m):
+            nbrs = [(i + di, j + dj) for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+            inside = all(0 <= a < m.shape[0] and 0 <= b < m.shape[1] and m[a, b] for a, b in nbrs)
+            if not inside:
+                pts.append((i, j))
+        return np.asarray(pts, np.float64) * sp
+
+    sp_, st_ = surface_mm(pred), surface_mm(target)
+    d = np.sqrt(((sp_[:, None] - st_[None]) ** 2).sum(-1))
+    pred_to_target, target_to_pred = d.min(1), d.min(0)
+    monai = max(np.percentile(pred_to_target, 95), np.percentile(target_to_pred, 95))
+    medpy = np.percentile(np.concatenate([pred_to_target, target_to_pred]), 95)
+    assert abs(monai - medpy) > 0.5  # the case tells the two definitions apart
+    got = metrics.hausdorff95(pred, target, spacing=sp)
+    assert got == pytest.approx(monai)
+    assert got != pytest.approx(medpy)
+    assert metrics.hausdorff95(target, pred, spacing=sp) == pytest.approx(monai)  # symmetric
+
+
+def test_mean_over_cases_excludes_and_counts_nan():
+    # Two cases: case b has no tumour in either prediction or truth (HD95 nan, left out and
+    # counted); case c missed the tumour (373.13, averaged in).
+    true = np.zeros((6, 6, 6), int)
+    true[1:3, 1:3, 1:3] = 1
+    true[4, 4, 4] = 2
+    no_tumour = np.where(true == 2, 0, true)
+    per_case = {}
+    for name, (pred, target) in {
+        "a": (true, true),
+        "b": (no_tumour, no_tumour),
+        "c": (no_tumour, true),
+    }.items():
+        scores = metrics.region_dice(pred, target, PANCREAS)
+        hd = metrics.region_hd95(pred, target, PANCREAS)
+        scores.update({f"HD95 {k}": v for k, v in hd.items()})
+        per_case[name] = scores
+    assert np.isnan(per_case["b"]["HD95 tumour"])
+    assert per_case["c"]["HD95 tumour"] == metrics.HD95_MISSING_MM
+    means, n_excluded = metrics.mean_over_cases(per_case)
+    assert list(means) == ["pancreas", "tumour", "HD95 pancreas", "HD95 tumour"]
+    assert means["HD95 tumour"] == pytest.approx((0.0 + 373.13) / 2)  # b left out, not 0
+    assert means["HD95 pancreas"] == 0.0
+    assert means["tumour"] == pytest.approx((1.0 + 1.0 + 0.0) / 3)  # Dice: 1 when both empty
+    assert n_excluded == {"pancreas": 0, "tumour": 0, "HD95 pancreas": 0, "HD95 tumour": 1}
+    # A region absent everywhere: no case to average, nan (skipped and counted by the report).
+    means, n_excluded = metrics.mean_over_cases({"b": per_case["b"]})
+    assert np.isnan(means["HD95 tumour"]) and n_excluded["HD95 tumour"] == 1
 
 
 # ------------------------------------------------------------------------------------------------

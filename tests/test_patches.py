@@ -14,6 +14,7 @@ import pytest
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.ops.patches import (
     extract_grid,
+    grid_layout,
     grid_starts,
     num_patches,
     patch_shape,
@@ -162,3 +163,132 @@ def test_bad_rank_raises_with_shape(shape):
         extract_grid(jnp.zeros(shape), None, patches_per_side=3, jitter=0, training=False)
     with pytest.raises(ConfigError):
         num_patches(3, spatial_dims=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# grid_fraction < 1: a smaller grid at a random origin
+
+
+def _old_grid_starts(volume_shape, key, *, patches_per_side, jitter, training):
+    """`grid_starts` as it was before `grid_fraction` existed (verbatim in substance)."""
+    n = len(volume_shape) - 1
+    p = patches_per_side
+    cells = np.stack(np.meshgrid(*([np.arange(p)] * n), indexing="ij"), axis=-1).reshape(-1, n)
+    origins = jnp.asarray(cells * np.array([s // p for s in volume_shape[:n]]), jnp.int32)
+    if training:
+        offsets = jax.random.randint(key, (p**n, n), 0, jitter + 1, dtype=jnp.int32)
+    else:
+        offsets = jnp.full((p**n, n), jitter // 2, dtype=jnp.int32)
+    return origins + offsets
+
+
+@pytest.mark.parametrize("shape", [(*SHAPE, 2), (16, 20, 3), (40, 40, 40, 1), (128, 128, 1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_grid_fraction_one_is_bit_identical_to_before(shape, training):
+    for seed in range(4):
+        key = jax.random.key(seed)
+        got = grid_starts(
+            shape, key, patches_per_side=P, jitter=J, training=training, grid_fraction=1.0
+        )
+        want = _old_grid_starts(shape, key, patches_per_side=P, jitter=J, training=training)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        # and the default is 1
+        default = grid_starts(shape, key, patches_per_side=P, jitter=J, training=training)
+        np.testing.assert_array_equal(np.asarray(default), np.asarray(want))
+    vol = jax.random.normal(jax.random.key(9), shape)
+    np.testing.assert_array_equal(
+        np.asarray(extract_grid(vol, key, patches_per_side=P, jitter=J, training=training)),
+        np.asarray(
+            extract_grid(
+                vol, key, patches_per_side=P, jitter=J, training=training, grid_fraction=1.0
+            )
+        ),
+    )
+
+
+def test_grid_layout():
+    # 40 * 0.5 = 20 -> cells 6, room 40 - 18 = 22; f = 1: the original's cells, room 0.
+    assert grid_layout((40, 40, 40, 4), patches_per_side=3, grid_fraction=0.5) == (
+        (6, 6, 6),
+        (22, 22, 22),
+    )
+    assert grid_layout((40, 40, 40, 4), patches_per_side=3) == ((13, 13, 13), (0, 0, 0))
+    assert grid_layout((128, 128, 1), patches_per_side=3) == ((42, 42), (0, 0))
+    assert grid_layout((40, 30, 1), patches_per_side=4, grid_fraction=0.7) == ((7, 5), (12, 10))
+    assert patch_shape((40, 40, 40, 1), patches_per_side=3, jitter=1, grid_fraction=0.5) == (
+        5,
+        5,
+        5,
+    )
+    for bad in (0.0, -0.5, 1.5, float("nan"), True, "half"):
+        with pytest.raises(ConfigError, match="grid_fraction"):
+            grid_layout((40, 40, 40, 1), patches_per_side=3, grid_fraction=bad)
+    with pytest.raises(ConfigError, match="patch size would be"):
+        patch_shape((24, 24, 24, 1), patches_per_side=3, jitter=4, grid_fraction=0.5)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_random_grid_origin_per_key_within_bounds(n):
+    """Training: one origin per input, uniform over [0, room] per axis, all cells moved by it;
+    the jitter offsets stay in [0, J] on top."""
+    shape, f, jitter = (*SHAPES[n], 1), 0.6, 1
+    cell, room = grid_layout(shape, patches_per_side=P, grid_fraction=f)
+    assert min(room) >= 3
+    cells = np.array(list(itertools.product(range(P), repeat=n)))
+    fn = jax.jit(
+        jax.vmap(
+            functools.partial(
+                grid_starts,
+                shape,
+                patches_per_side=P,
+                jitter=jitter,
+                training=True,
+                grid_fraction=f,
+            )
+        )
+    )
+    starts = np.asarray(fn(jax.random.split(jax.random.key(0), 400)))  # [400, P**n, n]
+    rel = starts - cells[None] * np.array(cell)  # origin + jitter offset
+    origin = rel.min(axis=1)  # >= the origin, equal to it where a patch drew offset 0
+    assert (rel - origin[:, None] <= jitter).all()  # all cells share one origin
+    assert (origin >= 0).all() and (rel.max(axis=1) <= np.array(room) + jitter).all()
+    pshape = patch_shape(shape, patches_per_side=P, jitter=jitter, grid_fraction=f)
+    assert (starts + np.array(pshape) <= np.array(shape[:n])).all()  # inside the input
+    for a in range(n):  # every origin value drawn on every axis (also the extremes)
+        assert set(np.unique(origin[:, a])) == set(range(room[a] + 1)), a
+    # Differs across keys: most of the (room + 1)**n possible origins are drawn.
+    assert len({o.tobytes() for o in origin}) > 0.5 * np.prod(np.array(room) + 1)
+    # Same key, same grid.
+    key = jax.random.key(5)
+    kw = dict(patches_per_side=P, jitter=jitter, training=True, grid_fraction=f)
+    np.testing.assert_array_equal(grid_starts(shape, key, **kw), grid_starts(shape, key, **kw))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_random_grid_centred_when_not_training(n):
+    shape, f, jitter = (*SHAPES[n], 1), 0.8, 2
+    cell, room = grid_layout(shape, patches_per_side=P, grid_fraction=f)
+    assert min(room) >= 2
+    starts = grid_starts(
+        shape, None, patches_per_side=P, jitter=jitter, training=False, grid_fraction=f
+    )
+    cells = np.array(list(itertools.product(range(P), repeat=n)))
+    want = cells * np.array(cell) + np.array(room) // 2 + jitter // 2
+    np.testing.assert_array_equal(np.asarray(starts), want)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("training", [True, False])
+def test_random_grid_patches_are_slices_at_the_starts(n, training):
+    shape, f = (*SHAPES[n], 2), 0.7
+    vol = np.random.default_rng(n).normal(size=shape).astype(np.float32)
+    kw = dict(patches_per_side=P, jitter=1, training=training, grid_fraction=f)
+    pshape = patch_shape(shape, patches_per_side=P, jitter=1, grid_fraction=f)
+    batched = jax.jit(jax.vmap(functools.partial(extract_grid, **kw), in_axes=(None, 0)))
+    keys = jax.random.split(jax.random.key(3), 3)
+    out = np.asarray(batched(jnp.asarray(vol), keys))
+    assert out.shape == (3, P**n, *pshape, 2)
+    for b in range(3):
+        starts = np.asarray(grid_starts(shape, keys[b], **kw))
+        for i in range(P**n):
+            np.testing.assert_array_equal(out[b, i], _crop(vol, starts[i], pshape))

@@ -171,6 +171,62 @@ def test_settings_and_bad_config():
     assert pickle.loads(pickle.dumps(t)).settings() == s
 
 
+@pytest.mark.parametrize("normalization, value", [("zscore", -5.0), ("minmax", -1.0)])
+@pytest.mark.parametrize(
+    "mode, crop", [("resize", True), ("crop_pad", False), ("crop_pad", True), ("none", False)]
+)
+def test_background_value(normalization, value, mode, crop):
+    """background='value': background (padding included) is the documented constant, below every
+    foreground voxel; the foreground is exactly the 'zero' output; the cache key differs."""
+    rec = make_record(seed=1)
+    kw = dict(size=16, mode=mode, normalization=normalization, crop_foreground=crop)
+    zero = preprocess.Preprocess(**kw).map(rec)["image"]
+    out = preprocess.Preprocess(**kw, background="value").map(rec)["image"]
+    assert out.shape == zero.shape
+    background = out == value
+    assert background.any() and (~background).any()
+    assert (background.all(axis=-1) == background.any(axis=-1)).all()  # all channels at once
+    np.testing.assert_array_equal(out[~background], zero[~background])  # foreground untouched
+    assert out[~background].min() > value  # no foreground voxel takes the value
+    if mode == "resize":  # the foreground mask is resized by nearest neighbour, as labels
+        fg = preprocess.foreground_mask(rec["image"])
+        box = tuple(slice(lo, hi) for lo, hi in preprocess._bbox(fg))
+        want = preprocess.resample(fg[box], (16, 16, 16), order=0)
+        np.testing.assert_array_equal(background.all(axis=-1), ~want)
+    else:  # no interpolation: background is exactly where 'zero' gave 0 in every channel
+        np.testing.assert_array_equal(background.all(axis=-1), (zero == 0).all(axis=-1))
+
+
+def test_background_settings_and_errors():
+    zero = preprocess.Preprocess(size=16)
+    value = preprocess.Preprocess(size=16, background="value")
+    assert zero.settings() != value.settings() and value.settings()["background"] == "value"
+    assert cache.cache_key({}, zero.settings(), []) != cache.cache_key({}, value.settings(), [])
+    # 'zero' is the output before the option existed: its cache key is unchanged.
+    assert "background" not in zero.settings()
+    assert "background" not in preprocess.Preprocess(size=16, background="zero").settings()
+    # CT has no MRI foreground normalisation: the option does not apply.
+    ct = dict(size=16, modality="ct")
+    assert (
+        preprocess.Preprocess(**ct).settings()
+        == preprocess.Preprocess(**ct, background="value").settings()
+    )
+    with pytest.raises(ConfigError, match="config.data.background"):
+        preprocess.Preprocess(size=16, background="mask")
+
+
+def test_background_value_below_a_dark_foreground():
+    """A channel whose z-scored foreground reaches -5 gets its background 1 below its minimum."""
+    image = np.zeros((6, 6, 6, 2), np.float32)
+    image[1:5, 1:5, 1:5] = 100.0
+    image[1, 1, 1, 0] = 1.0  # one very dark foreground voxel in a tight distribution: z < -5
+    fill = preprocess.background_value(
+        preprocess.normalize_intensity(image), preprocess.foreground_mask(image), method="zscore"
+    )
+    z = preprocess.normalize_intensity(image)
+    assert z[1, 1, 1, 0] < -5 and fill[0] == pytest.approx(z[1, 1, 1, 0] - 1) and fill[1] == -5
+
+
 # ----------------------------------------------------------------------------------------------
 # RandomCrop
 

@@ -18,7 +18,7 @@ class Terminal(io.StringIO):
         return True
 
 
-def _train(tmp_path, num_steps=6, start=0):
+def _train(tmp_path, num_steps=6, start=0, chance=None):
     """train_loop on a fake state (only `.step`) with loss = 1 / step."""
 
     def step_fn(step):
@@ -36,6 +36,7 @@ def _train(tmp_path, num_steps=6, start=0):
         num_steps=num_steps,
         writer=loop.MetricWriter(tmp_path / "metrics.jsonl", tensorboard=False),
         log_every=2,
+        chance=chance,
     )
 
 
@@ -44,13 +45,14 @@ def test_training_bar_on_a_terminal_shows_eta_rate_and_loss(tmp_path, monkeypatc
     terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
     with caplog.at_level(logging.INFO, logger="ssl3d_jax.train.loop"):
-        _train(tmp_path)
+        _train(tmp_path, chance={"loss": 2.0})
     text = terminal.getvalue()
     lines = [x for x in text.split("\r") if x]
     assert len(lines) == 4 and text.endswith("\n")  # 3 flushes (every 2 steps) + the close
     assert lines[0].startswith("pretrain  2/6 [33%] ") and "steps/s" in lines[0]
-    assert "ETA" in lines[0] and "loss=0.5" in lines[0]  # loss of step 2 = 1 / 2
-    assert lines[-1].startswith("pretrain  6/6 [100%]") and "loss=0.1667" in lines[-1]
+    # The mean loss of the window (steps 1, 2: (1 + 1/2) / 2), beside its chance level.
+    assert "ETA" in lines[0] and "loss=0.75 (chance 2)" in lines[0]
+    assert lines[-1].startswith("pretrain  6/6 [100%]") and "loss=0.1833" in lines[-1]
     # The bar replaces the per-flush log lines (they would break the redrawn line).
     assert not [r for r in caplog.records if r.levelno >= logging.INFO and "step" in r.msg]
 

@@ -154,6 +154,33 @@ def test_grid_starts_inside_volume_and_own_cell(case):
 
 
 @_settings(30)
+@given(case=grid_cases(), fraction=st.sampled_from([0.5, 0.7, 0.9]))
+def test_random_grid_starts_inside_volume_with_one_origin(case, fraction):
+    shape, p, j, _, seed, training = case
+    n = len(shape) - 1
+    kw = dict(patches_per_side=p, jitter=j, grid_fraction=fraction)
+    try:
+        pshape = patches.patch_shape(shape, **kw)
+    except ConfigError:  # cells of the smaller grid too small for the jitter
+        cell, _ = patches.grid_layout(shape, patches_per_side=p, grid_fraction=fraction)
+        assert min(cell) - j < 1
+        return
+    cell, room = patches.grid_layout(shape, patches_per_side=p, grid_fraction=fraction)
+    assert all(c == math.floor(s * fraction + 1e-9) // p for c, s in zip(cell, shape))
+    assert all(r == s - p * c for r, s, c in zip(room, shape, cell))
+    starts = np.asarray(patches.grid_starts(shape, jax.random.key(seed), training=training, **kw))
+    cells = np.array(list(itertools.product(range(p), repeat=n))).reshape(-1, n)
+    rel = starts - cells * np.array(cell)  # grid origin + jitter offset, per patch
+    if training:
+        origin = rel.min(axis=0)
+        assert (rel - origin >= 0).all() and (rel - origin <= j).all()
+    else:
+        np.testing.assert_array_equal(rel, np.broadcast_to(np.array(room) // 2 + j // 2, rel.shape))
+    assert (rel >= 0).all() and (rel <= np.array(room) + j).all()
+    assert np.all(starts + np.array(pshape) <= np.array(shape[:n]))
+
+
+@_settings(30)
 @given(case=grid_cases())
 def test_extract_grid_is_the_numpy_slice_at_the_reported_starts(case):
     shape, p, j, dtype, seed, training = case

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 
+import numpy as np
 import pytest
 
 from ssl3d_jax import report
@@ -160,7 +161,10 @@ def test_write_report(tmp_path):
     out = report.write_report(
         _rows(), tmp_path / "out", metrics=["WT_hd95", "WT"], title="Phantom", notes="n"
     )
-    assert set(out) == {"csv", "md", "png_WT", "png_WT_hd95"}
+    # No per-case scores: results_paired.csv has only its header, no paired plot.
+    assert set(out) == {"csv", "paired_csv", "md", "png_WT", "png_WT_hd95"}
+    assert out["paired_csv"].read_text() == ",".join(report.PAIRED_COLUMNS) + "\n"
+    assert "Paired differences" not in out["md"].read_text()
     assert out["png_WT"].name == "results_WT.png"
     for key in ("png_WT", "png_WT_hd95"):
         assert min(_png_size(out[key])[:2]) > 100
@@ -186,3 +190,156 @@ def test_format_fraction_and_direction():
         "100%",
     ]
     assert report.lower_is_better("ET_hd95") and not report.lower_is_better("kappa")
+    # The finetuning's own names: 'HD95 <region>'.
+    assert report.lower_is_better("HD95 WT") and not report.lower_is_better("WT")
+
+
+# --- paired differences and the bootstrap ---------------------------------------------------------
+
+CASES = [f"case_{i:02d}" for i in range(24)]
+
+
+def _paired_rows(diff, *, reps=3, noise=0.01, seed=0, rep_offset=0.0, metric="WT"):
+    """'scratch' and 'rpl' rows with per-case scores: rpl = scratch + diff + noise, per
+    (repetition, case); each repetition shifts both methods by `rep_offset` · r."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for r in range(reps):
+        base = {c: float(rng.uniform(0.3, 0.8)) + rep_offset * r for c in CASES}
+        ours = {c: base[c] + diff + float(rng.normal(0.0, noise)) for c in CASES}
+        for method, scores in (("scratch", base), ("rpl", ours)):
+            per_case = {c: {metric: v} for c, v in scores.items()}
+            rows.append(
+                {
+                    "method": method,
+                    "fraction": 0.5,
+                    "repetition": r,
+                    "num_labeled": 4,
+                    "metrics": {metric: float(np.mean(list(scores.values())))},
+                    "per_case": per_case,
+                }
+            )
+    return rows
+
+
+def _only(paired, **match):
+    (e,) = [e for e in paired if all(e[k] == v for k, v in match.items())]
+    return e
+
+
+def test_bootstrap_ci_of_a_constant_difference_excludes_zero():
+    e = _only(report.paired_differences(_paired_rows(0.1)), method="rpl", baseline="scratch")
+    assert e["mean_diff"] == pytest.approx(0.1, abs=0.005)
+    assert e["ci_low"] < 0.1 < e["ci_high"]
+    assert e["ci_low"] > 0.0 and e["resolved"]
+    assert (e["n_cases"], e["n_repetitions"], e["n_pairs"], e["n_dropped"]) == (24, 3, 72, 0)
+    assert e["ci_high"] - e["ci_low"] < 0.02  # the noise is 0.01 per case
+
+
+def test_bootstrap_ci_of_zero_mean_noise_contains_zero_and_is_not_resolved(tmp_path):
+    rows = _paired_rows(0.0, noise=0.05)
+    e = _only(report.paired_differences(rows), method="rpl", baseline="scratch")
+    assert e["ci_low"] < 0.0 < e["ci_high"] and not e["resolved"]
+    md = report.results_markdown(rows, title="t")
+    table = md.split("## Paired differences")[1]
+    (line,) = [x for x in table.splitlines() if x.startswith("| rpl |")]
+    assert "not resolved" in line and "**" not in line
+    # The resolved difference is bold, without "not resolved".
+    md = report.results_markdown(_paired_rows(0.1), title="t")
+    (line,) = [x for x in md.split("## Paired differences")[1].splitlines() if "| rpl |" in x]
+    assert line.startswith("| rpl | **+0.1") and "not resolved" not in line
+
+
+def test_pairing_is_by_repetition_and_case_not_by_order():
+    rows = _paired_rows(0.1, rep_offset=0.3)
+    ref = report.paired_differences(rows)
+    # Case order inside one method's rows and the order of the rows do not matter.
+    shuffled = []
+    rng = np.random.default_rng(5)
+    for row in rows:
+        row = dict(row)
+        if row["method"] == "rpl":
+            items = list(row["per_case"].items())
+            rng.shuffle(items)
+            row["per_case"] = dict(items)
+        shuffled.append(row)
+    assert report.paired_differences(shuffled[::-1]) == ref
+    # Large between-repetition shifts cancel in the pairs: the CI stays as narrow as without them.
+    e = _only(ref, method="rpl")
+    assert e["ci_high"] - e["ci_low"] < 0.02 and e["resolved"]
+    # Pairing the wrong repetitions (rpl's labels moved by one) mixes the shifts in.
+    moved = [
+        dict(r, repetition=(r["repetition"] + 1) % 3) if r["method"] == "rpl" else r for r in rows
+    ]
+    wrong = _only(report.paired_differences(moved), method="rpl")
+    assert wrong["ci_high"] - wrong["ci_low"] > 0.1
+
+
+def test_nan_scores_are_dropped_pairwise_and_counted():
+    rows = _paired_rows(0.1, reps=2, metric="HD95 WT")
+    rows[0]["per_case"]["case_00"] = {"HD95 WT": float("nan")}  # scratch, repetition 0
+    rows[3]["per_case"]["case_01"] = {"HD95 WT": None}  # rpl, repetition 1
+    e = _only(report.paired_differences(rows), method="rpl")
+    assert (e["n_pairs"], e["n_dropped"], e["n_cases"], e["n_repetitions"]) == (46, 2, 24, 2)
+    assert e["mean_diff"] == pytest.approx(0.1, abs=0.01)
+    # HD95: lower is better; the table header says which sign favours the method.
+    assert e["lower_is_better"]
+    md = report.results_markdown(rows, title="t")
+    assert "lower is better: < 0 means the method is better" in md
+    assert "2 NaN pair(s) dropped" in md
+
+
+def test_bootstrap_mean_ci_is_deterministic_and_two_way():
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(3, 10))
+    a = report.bootstrap_mean_ci(table, num_resamples=2000, seed=1)
+    assert a == report.bootstrap_mean_ci(table, num_resamples=2000, seed=1)
+    assert a["mean"] == pytest.approx(table.mean())
+    assert (a["n_repetitions"], a["n_cases"], a["n_values"]) == (3, 10, 30)
+    # A repetition-level shift widens the CI (repetitions are resampled), a case-level one too.
+    shifted_reps = report.bootstrap_mean_ci(table + [[0.0], [3.0], [6.0]], num_resamples=2000)
+    shifted_cases = report.bootstrap_mean_ci(table + np.arange(10) * 0.6, num_resamples=2000)
+    for wide in (shifted_reps, shifted_cases):
+        assert wide["high"] - wide["low"] > 2 * (a["high"] - a["low"])
+    assert report.bootstrap_mean_ci(np.full((2, 3), np.nan)) is None
+
+
+def test_write_report_with_per_case_rows(tmp_path):
+    rows = _paired_rows(0.1)
+    rows += [
+        dict(
+            r,
+            method="random_warmup",
+            per_case={c: {"WT": v["WT"] - 0.05} for c, v in r["per_case"].items()},
+        )
+        for r in rows
+        if r["method"] == "scratch"
+    ]
+    out = report.write_report(rows, tmp_path, metrics=["WT"], title="Phantom")
+    assert {"paired_csv", "png_paired_WT"} <= set(out)
+    assert _png_size(out["png_paired_WT"])[0] > 100
+    with open(out["paired_csv"], newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert tuple(lines[0]) == report.PAIRED_COLUMNS
+    assert {"method", "baseline", "mean_diff", "ci_low", "ci_high", "resolved"} <= set(lines[0])
+    # Both baselines; every other method against each.
+    pairs = {(x["method"], x["baseline"]) for x in lines}
+    assert pairs == {
+        ("rpl", "scratch"),
+        ("random_warmup", "scratch"),
+        ("scratch", "random_warmup"),
+        ("rpl", "random_warmup"),
+    }
+    row = [x for x in lines if (x["method"], x["baseline"]) == ("rpl", "random_warmup")][0]
+    assert float(row["mean_diff"]) == pytest.approx(0.15, abs=0.005)
+    assert row["resolved"] == "true" and float(row["ci_low"]) > 0
+    assert (row["n_cases"], row["n_repetitions"]) == ("24", "3")
+    md = out["md"].read_text()
+    assert "### WT vs scratch" in md and "### WT vs random_warmup" in md
+
+
+def test_method_colors_are_distinct_for_many_methods():
+    methods = [f"m{i}" for i in range(9)]
+    colors = report.method_colors(methods)
+    assert len(set(colors.values())) == 9
+    assert len(set(report.method_colors([f"m{i}" for i in range(13)]).values())) == 13

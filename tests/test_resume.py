@@ -183,7 +183,12 @@ def test_killed_twice_resumes_to_identical_metrics(reference, cache, tmp_path):
     assert f"Resuming finetune/probe from step {ft_ckpt}" in log3
 
     got, want = _records(workdir), _records(reference)
-    assert {r["phase"] for r in want} == {"pretrain", "pretrain/knn", "finetune/probe"}
+    assert {r["phase"] for r in want} == {
+        "pretrain",
+        "pretrain/knn",
+        "pretrain/val",
+        "finetune/probe",
+    }
     assert _comparable(got) == _comparable(want)
     assert _scores(workdir) == _scores(reference)  # the finetuned models' test Dice
 

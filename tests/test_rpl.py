@@ -78,16 +78,18 @@ def test_labels_match_query_position(n, training):
     assert not np.any(query_index == centre)
 
 
+@pytest.mark.parametrize("grid_fraction", [1.0, 0.7])
 @pytest.mark.parametrize(
     "shape, centre", [((SIDE, 16, 17, 2), 13), ((SIDE, 17, 2), 4)], ids=["3d", "2d"]
 )
-def test_sample_pair_equals_extract_grid(shape, centre):
+def test_sample_pair_equals_extract_grid(shape, centre, grid_fraction):
     vol = jax.random.normal(jax.random.key(1), shape)
+    kw = dict(patches_per_side=P, jitter=J, training=True, grid_fraction=grid_fraction)
     for seed in range(3):
         key = jax.random.key(7 + seed)
-        pair, label = rpl.sample_pair(vol, key, patches_per_side=P, jitter=J, training=True)
+        pair, label = rpl.sample_pair(vol, key, **kw)
         key_grid, _ = jax.random.split(key)
-        grid = extract_grid(vol, key_grid, patches_per_side=P, jitter=J, training=True)
+        grid = extract_grid(vol, key_grid, **kw)
         q = int(label) + (int(label) >= centre)
         assert pair.shape == (2, *grid.shape[1:])
         np.testing.assert_array_equal(np.asarray(pair[0]), np.asarray(grid[centre]))
@@ -181,3 +183,25 @@ def test_make_task_smoke_config(n):
     assert np.isfinite(float(loss)) and set(metrics) == {"loss", "accuracy"}
     with pytest.raises(ConfigError, match="spatial_dims"):
         task.loss(model, jnp.ones((2, *(12,) * (5 - n), 1)), jax.random.key(0))
+
+
+def test_make_task_grid_fraction():
+    import ml_collections
+
+    config = ml_collections.ConfigDict(
+        dict(
+            data=dict(spatial_dims=3),
+            model=dict(filters=(4,), bottom_filters=4, num_groups=1, dropout_rate=0.0),
+            rpl=dict(
+                patches_per_side=3, jitter=1, grid_fraction=0.5, head_hidden=(8,), head_dropout=0.0
+            ),
+        )
+    )
+    task = rpl.make_task(config, in_channels=1)
+    assert task.input_spec["grid_fraction"] == 0.5
+    model = task.build_model(nnx.Rngs(0))
+    loss, _ = task.loss(model, jnp.ones((2, 24, 24, 24, 1)), jax.random.key(0))  # 3³ patches
+    assert np.isfinite(float(loss))
+    config.rpl.grid_fraction = 1.5
+    with pytest.raises(ConfigError, match=r"config\.rpl\.grid_fraction"):
+        rpl.make_task(config, in_channels=1)

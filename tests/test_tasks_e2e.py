@@ -32,7 +32,12 @@ def test_smoke_end_to_end(task, dims, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (workdir / "checkpoints").is_dir()
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert {r["phase"] for r in records} == {"pretrain", "pretrain/knn", "finetune/pretrained"}
+    assert {r["phase"] for r in records} == {
+        "pretrain",
+        "pretrain/knn",
+        "pretrain/val",  # the pretext loss on the held-out validation cases
+        "finetune/pretrained",
+    }
     results = json.loads((workdir / "results.json").read_text())
     arm = results["arms"]["pretrained"]
     assert arm["restored_tensors"] > 0

@@ -108,6 +108,9 @@ def test_every_metric_record_is_a_scalar_at_its_step(smoke_run):
     assert pre_scalars["pretrain/learning_rate"] == {
         0: pytest.approx(config.pretrain.learning_rate)
     }
+    # The chance level beside the metrics (RPL, 3³ grid: 26 classes).
+    chance = list(pre_scalars["pretrain/chance_loss"].values())
+    assert chance and all(v == pytest.approx(math.log(26), rel=1e-6) for v in chance)
 
 
 def test_finetune_test_scores_and_learning_rate(smoke_run):
@@ -120,6 +123,10 @@ def test_finetune_test_scores_and_learning_rate(smoke_run):
             assert scalars[tag] == {config.finetune.num_steps: pytest.approx(v, rel=1e-6)}, tag
     lr = scalars["finetune/probe/learning_rate"]
     assert lr == {0: pytest.approx(config.finetune.probe_learning_rate)}
+    # results.json also says how the pretraining ended relative to chance.
+    pretext = results["pretext"]
+    assert pretext["chance_loss"] == pytest.approx(math.log(26))
+    assert pretext["step"] == config.pretrain.num_steps and isinstance(pretext["near_chance"], bool)
 
 
 def test_pretext_inputs_and_segmentation_overlays_are_images(smoke_run):

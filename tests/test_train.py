@@ -221,3 +221,93 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
             checkpoint_every=1,
         )
     assert ckpt.saved == [1, 2]  # steps 1 and 2 completed finitely; step 3 (loss NaN) not saved
+
+
+# --- finetuning controls: 'random_warmup' / 'random_probe' are 'pretrained' / 'probe' minus the
+# restore ---------------------------------------------------------------------------------------
+
+CONTROLS = [("pretrained", "random_warmup"), ("probe", "random_probe")]
+
+
+def test_control_arms_share_model_schedule_and_learning_rate():
+    from ssl3d_jax.train import finetune
+
+    config = rpl_config.get_config("smoke")
+    config.finetune.num_steps, config.finetune.warmup_frozen_steps = 6, 2
+    for arm, control in CONTROLS:
+        assert arm in finetune.RESTORED_ARMS and control not in finetune.RESTORED_ARMS
+        assert finetune.learning_rate(config, control) == finetune.learning_rate(config, arm)
+        steps = range(config.finetune.num_steps)
+        schedule = [finetune.trainable_parts(config, arm, s) for s in steps]
+        assert [finetune.trainable_parts(config, control, s) for s in steps] == schedule
+        built = [
+            finetune.build_model(config, in_channels=2, num_classes=3, arm=a)(nnx.Rngs(0))
+            for a in (arm, control)
+        ]
+        assert type(built[0]) is type(built[1])
+    # The warm-up: decoder alone for 2 steps, then everything; scratch trains everything at once.
+    assert [finetune.trainable_parts(config, "random_warmup", s) for s in range(3)] == [
+        ("decoder",),
+        ("decoder",),
+        None,
+    ]
+    assert finetune.trainable_parts(config, "scratch", 0) is None
+
+
+@pytest.fixture(scope="module")
+def finetune_data(tmp_path_factory):
+    from ssl3d_jax.data import phantom
+    from ssl3d_jax.train import data as data_lib
+
+    root = tmp_path_factory.mktemp("controls") / "data"
+    phantom.write_brats_phantom(root, num_cases=5, shape=(30, 34, 28), seed=3)
+    config = rpl_config.get_config("smoke")
+    config.data.root = str(root)
+    config.data.num_test = 1
+    config.data.num_val = 1
+    config.finetune.batch_size = 8  # tests run on 8 simulated devices
+    config.finetune.save_predictions = False
+    config.tensorboard = False
+    dataset = data_lib.open_dataset(config)
+    return config, dataset, data_lib.base_split(config, dataset)
+
+
+@pytest.mark.parametrize("arm,control", CONTROLS)
+def test_control_is_bit_identical_to_its_arm_when_the_restore_returns_the_random_encoder(
+    arm, control, finetune_data, tmp_path, monkeypatch
+):
+    """With the restore replaced by "keep the random encoder", the pretrained arm and its control
+    give bit-identical parameters and scores: same parameter tree, decoder / read-out init, data
+    order and trainable-parts schedule; the restore is their only difference."""
+    from ssl3d_jax.train import finetune
+
+    config, dataset, splits = finetune_data
+    restores, params = [], {}
+
+    def keep_random_encoder(path, encoder):
+        restores.append(path)
+        return encoder, {"step": 0, "loaded": ["encoder"], "missing": [], "unused": []}
+
+    real_evaluate = finetune.evaluate
+
+    def spy(config, dataset, graphdef, p, cases, **kwargs):
+        params.setdefault(current, jax.device_get(p))  # the trained params, at the first call
+        return real_evaluate(config, dataset, graphdef, p, cases, **kwargs)
+
+    monkeypatch.setattr(finetune, "restore_encoder", keep_random_encoder)
+    monkeypatch.setattr(finetune, "check_compatible", lambda *a, **k: {})
+    monkeypatch.setattr(finetune, "evaluate", spy)
+    results = {}
+    for current in (arm, control):
+        results[current] = finetune.run(
+            config, str(tmp_path), current, splits, dataset, init_from="/pretext/checkpoints"
+        )
+    assert restores == ["/pretext/checkpoints"]  # the control never restores
+    assert results[arm]["restored_tensors"] == 1 and results[control]["restored_tensors"] == 0
+    ours, theirs = params[arm], params[control]
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    for key in ("dice_per_case", "val_per_case", "warmup_frozen_steps", "learning_rate", "seed"):
+        assert results[arm][key] == results[control][key], key
+    assert results[arm]["num_val"] == 1 and results[arm]["val_metrics"] is not None

@@ -2,7 +2,8 @@
 
 A prediction made on a preprocessed volume lives on the model's grid (resized, cropped,
 resampled, RAS-reoriented). `to_native` undoes the spatial steps of `preprocess.Preprocess`
-from its `geometry` dict, giving an array on the canonical grid of the case; `save_prediction`
+from its `geometry` dict, giving an array on the canonical grid of the case (`probs_to_native`
+does it for class probabilities, resampled linearly before the argmax); `save_prediction`
 maps class indices to the dataset's on-disk label values, undoes the canonical reorientation and
 writes a NIfTI with exactly the reference scan's shape, affine and q/s-forms, so that it opens on
 top of the scan in ITK-SNAP or 3D Slicer.
@@ -18,15 +19,52 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from ssl3d_jax.data.preprocess import resample, resample_image
+from ssl3d_jax.data.preprocess import resample
 from ssl3d_jax.errors import DataError
 from ssl3d_jax.fileio import atomic_path
 
 
-def _undo_spatial(arr: np.ndarray, shape: Sequence[int], *, labels: bool) -> np.ndarray:
-    if labels:
-        return resample(arr, shape, order=0)
-    return resample_image(arr, shape)
+def _check_fitted(spatial: Sequence[int], geometry: Mapping[str, Any], fn: str) -> None:
+    fitted = tuple(int(n) for n in geometry["fitted_shape"])
+    if tuple(spatial) != fitted:
+        raise ValueError(
+            f"{fn}: prediction spatial shape {tuple(spatial)} differs from the preprocessed "
+            f"shape {fitted} recorded in geometry."
+        )
+
+
+def _undo_geometry(
+    vol: np.ndarray, geometry: Mapping[str, Any], *, order: int, fill: float = 0
+) -> np.ndarray:
+    """One spatial volume [*F] on the preprocessed grid -> [*canonical_shape] on the case's
+    canonical grid: undoes the fitting (resize, or crop / pad), the resampling to the target
+    spacing and the foreground crop, in that order. Resampling is nearest neighbour (`order`
+    0: values copied, dtype kept) or linear (1: float32). Voxels the model never saw (outside
+    the crop_pad window or the foreground crop) get `fill`."""
+    vol = np.asarray(vol)
+    dtype = vol.dtype if order == 0 else np.float32
+    resampled = tuple(int(n) for n in geometry["resampled_shape"])
+    fit = geometry["fit"]
+
+    # Undo the fitting: back to the resampled crop.
+    if fit["mode"] == "resize":
+        x = resample(vol, resampled, order=order)
+    else:
+        x = np.full(resampled, fill, dtype)
+        src = tuple(slice(a, b) for a, b in fit["src"])
+        dst = tuple(slice(a, b) for a, b in fit["dst"])
+        x[src] = vol[dst]
+
+    # Undo the resampling: back to the foreground box on the native grid.
+    box = geometry["crop_box"]
+    box_shape = tuple(int(b) - int(a) for a, b in box)
+    if box_shape != resampled:
+        x = resample(x, box_shape, order=order)
+
+    # Undo the crop.
+    out = np.full(tuple(int(n) for n in geometry["canonical_shape"]), fill, dtype)
+    out[tuple(slice(int(a), int(b)) for a, b in box)] = x
+    return out
 
 
 def to_native(pred: np.ndarray, geometry: Mapping[str, Any]) -> np.ndarray:
@@ -34,8 +72,9 @@ def to_native(pred: np.ndarray, geometry: Mapping[str, Any]) -> np.ndarray:
 
     Args:
       pred: int [*F] class indices (inverted with nearest neighbour: no new values), or float
-        [*F, K] per-class scores / probabilities (inverted linearly; take the argmax afterwards
-        for smoother boundaries). F = `geometry["fitted_shape"]`.
+        [*F, K] per-class scores (inverted linearly, channel by channel). F =
+        `geometry["fitted_shape"]`. For class probabilities use `probs_to_native`, which
+        also fills the voxels the model never saw with background.
       geometry: the `geometry` dict of `Preprocess(keep_geometry=True)` for this case.
 
     Returns:
@@ -44,38 +83,56 @@ def to_native(pred: np.ndarray, geometry: Mapping[str, Any]) -> np.ndarray:
       foreground crop or the crop_pad window are 0 (background class / zero score).
     """
     pred = np.asarray(pred)
-    labels = pred.dtype.kind in "iub"
-    fitted = tuple(int(n) for n in geometry["fitted_shape"])
-    spatial = pred.shape if labels else pred.shape[:-1]
-    if tuple(spatial) != fitted:
+    if pred.dtype.kind in "iub":
+        _check_fitted(pred.shape, geometry, "to_native")
+        return _undo_geometry(pred, geometry, order=0)
+    _check_fitted(pred.shape[:-1], geometry, "to_native")
+    # One channel at a time: peak memory stays at about two float32 channels beyond the output.
+    return np.stack(
+        [_undo_geometry(pred[..., k], geometry, order=1) for k in range(pred.shape[-1])], axis=-1
+    )
+
+
+def probs_to_native(probs: np.ndarray, geometry: Mapping[str, Any]) -> np.ndarray:
+    """Class indices on the case's canonical grid from class probabilities on the model's grid.
+
+    nnU-Net's way: each class's probability is resampled linearly to the scan's grid (through
+    the same steps as `to_native`: fitting, spacing, foreground crop), then the argmax is taken
+    there. Mapping the argmax labels back by nearest neighbour (`to_native` of int labels)
+    instead copies each coarse voxel's class to a block of fine voxels, a staircase of up to
+    the resize factor along every boundary.
+
+    Args:
+      probs: float [*F, K] class probabilities (e.g. a softmax), K >= 1, class 0 the
+        background. F = `geometry["fitted_shape"]`.
+      geometry: the `geometry` dict of `Preprocess(keep_geometry=True)` for this case.
+
+    Returns:
+      int32 [*canonical_shape] class indices, as `to_native(argmax(probs))` returns them (map
+      them to on-disk label values with `save_prediction`). Voxels the model never saw (outside
+      the foreground crop or the crop_pad window) count as background with probability 1, so
+      they are class 0, and the boundary with them falls where it does for labels. Ties go to
+      the lower class index, as with `np.argmax`.
+    """
+    probs = np.asarray(probs)
+    if probs.ndim < 2 or probs.shape[-1] < 1 or probs.dtype.kind != "f":
         raise ValueError(
-            f"to_native: prediction spatial shape {tuple(spatial)} differs from the preprocessed "
-            f"shape {fitted} recorded in geometry."
+            f"probs_to_native: probabilities of shape {probs.shape} ({probs.dtype}); expected "
+            "float [*spatial, K]."
         )
-    tail = () if labels else pred.shape[-1:]
-    dtype = pred.dtype if labels else np.float32
-    resampled = tuple(int(n) for n in geometry["resampled_shape"])
-    fit = geometry["fit"]
-
-    # Undo the fitting: back to the resampled crop.
-    if fit["mode"] == "resize":
-        x = _undo_spatial(pred, resampled, labels=labels)
-    else:
-        x = np.zeros(resampled + tail, dtype)
-        src = tuple(slice(a, b) for a, b in fit["src"])
-        dst = tuple(slice(a, b) for a, b in fit["dst"])
-        x[src] = pred[dst]
-
-    # Undo the resampling: back to the foreground box on the native grid.
-    box = geometry["crop_box"]
-    box_shape = tuple(int(b) - int(a) for a, b in box)
-    if box_shape != resampled:
-        x = _undo_spatial(x, box_shape, labels=labels)
-
-    # Undo the crop.
-    out = np.zeros(tuple(int(n) for n in geometry["canonical_shape"]) + tail, dtype)
-    out[tuple(slice(int(a), int(b)) for a, b in box)] = x
-    return out
+    _check_fitted(probs.shape[:-1], geometry, "probs_to_native")
+    # A running argmax over the classes, one channel resampled at a time: memory stays at a few
+    # float32 volumes of the scan's grid whatever K.
+    best = labels = None
+    for k in range(probs.shape[-1]):
+        p = _undo_geometry(probs[..., k], geometry, order=1, fill=1.0 if k == 0 else 0.0)
+        if best is None:
+            best, labels = p, np.zeros(p.shape, np.int32)
+        else:
+            better = p > best
+            labels[better] = k
+            best = np.where(better, p, best)
+    return labels
 
 
 def _label_dtype(values: np.ndarray):

@@ -14,7 +14,11 @@ Order of the steps, and why:
   3. intensities: CT clipped to a HU window and scaled to [0, 1]; MRI normalised per channel over
      the foreground (z-score or min-max);
   4. fit to the model's input: resize to S^3, crop / pad to S^3, or keep the volume ("none",
-     padded up to S per axis so that random S^3 crops and sliding windows fit).
+     padded up to S per axis so that random S^3 crops and sliding windows fit);
+  5. MRI with `background="value"`: the background (outside the foreground mask, fitted like the
+     label; padding included) is set to a value below every foreground value (`background_value`).
+     With the default "zero" it stays 0, which after z-scoring is also the mean tissue value and
+     the convolutions' zero padding.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ import scipy.ndimage as ndi
 from ssl3d_jax.errors import ConfigError
 
 NORMALIZATIONS = ("zscore", "minmax")
+# MRI background after normalisation: 'zero' (0: also the z-scored mean tissue value and the
+# convolutions' padding) or 'value' (`background_value`: below every foreground value).
+BACKGROUNDS = ("zero", "value")
+# The 'value' background per normalisation: min-max foreground lies in [0, 1], so -1 is below all
+# of it; z-scored MRI foreground rarely reaches 3 standard deviations below the mean (that needs
+# a tissue darker than mean - 3 std), so -5 leaves a margin; where a channel's foreground does
+# reach it, that channel's background goes 1 below its foreground minimum instead.
+BACKGROUND_VALUES = {"zscore": -5.0, "minmax": -1.0}
 CUBE_MODES = ("resize", "crop_pad")
 RESIZE_MODES = ("resize", "crop_pad", "none")
 MODALITIES = ("mri", "ct")
@@ -108,6 +120,29 @@ def normalize_intensity(
         out = (image - lo.astype(np.float32)) / rng.astype(np.float32)
     out[~fg] = 0.0
     return out.astype(np.float32, copy=False)
+
+
+def background_value(image: np.ndarray, foreground: np.ndarray, *, method: str) -> np.ndarray:
+    """Per channel, the 'value' background of a normalised MRI `image [..., C]`.
+
+    `BACKGROUND_VALUES[method]`, or 1 below the channel's smallest foreground value where that is
+    lower (and below 0, the value resampling mixes into the foreground's edge), so that it is
+    strictly below every foreground voxel of the fitted image.
+
+    Returns:
+      float32 `[C]`.
+    """
+    if method not in BACKGROUND_VALUES:
+        raise ConfigError(
+            f"config.data.normalization: unknown value {method!r}; expected one of "
+            f"{tuple(BACKGROUND_VALUES)}."
+        )
+    fg = np.asarray(foreground, bool)
+    base = np.float32(BACKGROUND_VALUES[method])
+    if not fg.any():
+        return np.full(image.shape[-1], base, np.float32)
+    lowest = np.minimum(image[fg].min(axis=0), 0.0)
+    return np.minimum(base, lowest - 1.0).astype(np.float32)
 
 
 def resample(vol: np.ndarray, shape: Sequence[int], *, order: int) -> np.ndarray:
@@ -273,6 +308,11 @@ class Preprocess(grain.transforms.Map):
       spacing: target mm per axis (3 numbers, or one for isotropic); None keeps the native grid.
       crop_foreground: crop to the foreground bounding box first (smaller volumes, and "resize"
         spends its voxels on the anatomy rather than on air).
+      background: MRI only: "zero" (background 0, as the normalisation leaves it) or "value"
+        (background, padding included, set to `background_value`: -5 after z-scoring, -1 after
+        min-max, lower where a channel's foreground reaches it). The foreground mask is the
+        normalisation's (any channel non-zero), fitted like the label (nearest neighbour);
+        foreground voxels are the same as with "zero". Ignored for CT.
       keep_geometry: add the `geometry` dict to the output record.
     """
 
@@ -286,6 +326,7 @@ class Preprocess(grain.transforms.Map):
         ct_window: Sequence[float] = (-100.0, 240.0),
         spacing: float | Sequence[float] | None = None,
         crop_foreground: bool = True,
+        background: str = "zero",
         keep_geometry: bool = False,
     ):
         if mode not in RESIZE_MODES:
@@ -296,6 +337,11 @@ class Preprocess(grain.transforms.Map):
             raise ConfigError(
                 f"config.data.normalization: unknown value {normalization!r}; expected one of "
                 f"{NORMALIZATIONS}."
+            )
+        if background not in BACKGROUNDS:
+            raise ConfigError(
+                f"config.data.background: unknown value {background!r}; expected one of "
+                f"{BACKGROUNDS}."
             )
         if modality not in MODALITIES:
             raise ConfigError(
@@ -326,11 +372,12 @@ class Preprocess(grain.transforms.Map):
         self.ct_window = window
         self.spacing = spacing
         self.crop_foreground = bool(crop_foreground)
+        self.background = background
         self.keep_geometry = bool(keep_geometry)
 
     def settings(self) -> dict[str, Any]:
         """JSON-able settings that determine the output (the disk cache key)."""
-        return {
+        settings = {
             "version": PREPROCESS_VERSION,
             "size": self.size,
             "mode": self.mode,
@@ -340,6 +387,11 @@ class Preprocess(grain.transforms.Map):
             "spacing": None if self.spacing is None else list(self.spacing),
             "crop_foreground": self.crop_foreground,
         }
+        if self.modality == "mri" and self.background != "zero":
+            # Only when it changes the output: caches written before the option existed (all
+            # 'zero') keep their key.
+            settings["background"] = self.background
+        return settings
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items() if k != "version")
@@ -380,10 +432,18 @@ class Preprocess(grain.transforms.Map):
             new_shape = box_shape
 
         # 3. intensities.
+        fg = None  # the foreground of a 'value' background, fitted with the image below
         if self.modality == "ct":
             image = ct_window(image, self.ct_window)
         else:
-            image = normalize_intensity(image, method=self.normalization)
+            fg = foreground_mask(image)
+            if not fg.any():
+                fg = np.ones(fg.shape, bool)  # normalize_intensity's fallback: all foreground
+            image = normalize_intensity(image, method=self.normalization, foreground=fg)
+            if self.background == "zero":
+                fg = None
+            else:
+                fill = background_value(image, fg, method=self.normalization)
 
         # 4. fitting.
         fit: dict[str, Any] = {"mode": self.mode}
@@ -391,6 +451,7 @@ class Preprocess(grain.transforms.Map):
             fitted = (self.size,) * 3
             image = resample_image(image, fitted)
             label = None if label is None else resample(label, fitted, order=0)
+            fg = None if fg is None else resample(fg, fitted, order=0)
         else:
             if self.mode == "crop_pad":
                 centre = _foreground_centre(foreground_mask(image))
@@ -398,8 +459,14 @@ class Preprocess(grain.transforms.Map):
                 fitted = (self.size,) * 3
             else:
                 src, dst, fitted = _pad_slices(new_shape, self.size)
+            if fg is not None:  # padding is background
+                fg = _paste(image[..., :1], fg, src, dst, fitted)[1].astype(bool)
             image, label = _paste(image, label, src, dst, fitted)
             fit.update(src=_slices_json(src), dst=_slices_json(dst))
+
+        # 5. background value (MRI, background="value").
+        if fg is not None:
+            image[~fg] = fill
 
         out = {
             "image": image.astype(np.float32, copy=False),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import math
 from typing import Callable
 
 import jax
@@ -26,12 +27,25 @@ class Task:
         `[B, D, H, W, C]` float32 batch, and all of the task's sampling (patches, labels) happens
         inside, on device, from `key`.
       input_spec: JSON-able description of what the task consumed, stored in checkpoints.
+      chance: `{metric: value}`, what each metric of `loss` takes for a model that has learned
+        nothing (uniform predictions, or equal distances): e.g. `loss` ln(K) and `accuracy` 1 / K
+        for a K-way classification. Logged beside the metrics (`chance_<metric>`), and the end of
+        pretraining warns when the loss stays near `chance['loss']`. Metrics without a fixed
+        chance value (e.g. Exemplar's distances) are absent; `{}` when unknown.
     """
 
     name: str
     build_model: Callable
     loss: Callable
     input_spec: dict
+    chance: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def classification_chance(num_classes: int) -> dict[str, float]:
+    """`Task.chance` of a `num_classes`-way softmax classification with `{'loss', 'accuracy'}`
+    metrics: the cross-entropy ln(K) and the accuracy 1 / K of uniform predictions."""
+    k = int(num_classes)
+    return {"loss": math.log(k), "accuracy": 1.0 / k}
 
 
 def encoder_config(config) -> dict:
@@ -146,11 +160,18 @@ def _input_problem(
     spec = task.input_spec
     if "patches_per_side" in spec:  # grid tasks: patches of size // P - J voxels per axis
         p, j = int(spec["patches_per_side"]), int(spec.get("jitter", 0))
-        edge = size // p - j
-        what = (
-            f"its {'x'.join([str(p)] * dims)} grid gives patches of {edge} voxel(s) per axis "
-            f"(size // patches_per_side - jitter = {size} // {p} - {j})"
-        )
+        f = float(spec.get("grid_fraction", 1.0))
+        if f == 1.0:
+            edge = size // p - j
+            formula = f"size // patches_per_side - jitter = {size} // {p} - {j}"
+        else:  # the grid spans floor(f * size) voxels (ops/patches.py: grid_layout)
+            edge = math.floor(size * f + 1e-9) // p - j
+            formula = (
+                f"floor(grid_fraction * size) // patches_per_side - jitter = "
+                f"floor({f} * {size}) // {p} - {j}"
+            )
+        grid = "x".join([str(p)] * dims)
+        what = f"its {grid} grid gives patches of {edge} voxel(s) per axis ({formula})"
     else:
         edge, what = size, f"its encoder input would be {size} voxel(s) per axis"
     if edge < MIN_ENCODER_INPUT:

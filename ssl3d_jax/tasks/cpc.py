@@ -36,6 +36,12 @@ of B / k volumes, so the candidates are `B / k * P**n` latents: a different, eas
 batch of B, not the same gradient computed in pieces (`make_task` logs a warning).
 
 Deliberate deviations from the original code:
+  * Random grid position (`config.cpc.grid_fraction` < 1, `ops/patches.py`): the grid spans only
+    that share of each edge, at a random origin per volume. With the original's grid at the
+    volume's origin and the anatomy touching every face, a single patch tells which cell it came
+    from (its background), so the positive of a prediction can be told from the same volume's
+    other patches by position alone (docs/results/shortcut_audit.md). The `paper` size keeps the
+    original geometry.
   * InfoNCE over all `B * P**n - 1` in-batch negatives, as the paper describes CPC, instead of
     the original's Keras formulation (one negative target sequence per context, a sigmoid of the
     mean dot product, binary cross-entropy), whose negatives with the shipped batch size all came
@@ -87,8 +93,8 @@ from jax import lax
 
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
-from ssl3d_jax.ops.patches import grid_starts, patch_shape
-from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
+from ssl3d_jax.ops.patches import check_grid_fraction, grid_starts, patch_shape
+from ssl3d_jax.tasks import Task, classification_chance, encoder_config, pretext_loss
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +283,7 @@ def make_batch(
     patch_crop: float = 1.0,
     flip: bool = False,
     training: bool,
+    grid_fraction: float = 1.0,
 ) -> jax.Array:
     """All grid patches of every volume (image), augmented as the original's CPC preprocessing.
 
@@ -290,10 +297,14 @@ def make_batch(
       volumes: `[B, *spatial, C]` (3 or 2 spatial axes).
       key: `jax.random` key, split per volume.
       patches_per_side: P, static.
-      jitter: J >= 0, static; patches are `size // P - J` per axis.
+      jitter: J >= 0, static; patches are `size // P - J` per axis (`floor(grid_fraction * size)
+        // P - J` for a grid smaller than the input).
       volume_crop, patch_crop: static fractions in (0, 1] (original 3D: 0.95, 7/8; 2D: 1, 11/12).
       flip: static; per-patch flip along array axis 0 (original: 3D only).
       training: static.
+      grid_fraction: static share of each edge the grid spans; < 1 puts the grid at a random
+        origin per volume when training, centred otherwise (`ops.patches.grid_starts`); 1 is the
+        original's grid at the origin.
 
     Returns:
       `[B, P**n, *patch_spatial, C]`, dtype of `volumes`, row-major grid order.
@@ -309,6 +320,7 @@ def make_batch(
         patch_crop=patch_crop,
         flip=flip,
         training=training,
+        grid_fraction=grid_fraction,
     )
     return jax.vmap(one)(volumes, jax.random.split(key, volumes.shape[0]))
 
@@ -323,6 +335,7 @@ def _volume_patches(
     patch_crop: float,
     flip: bool,
     training: bool,
+    grid_fraction: float = 1.0,
 ) -> jax.Array:
     """`make_batch` for one volume `[*spatial, C]` -> `[P**n, *patch, C]`, as ONE gather.
 
@@ -341,10 +354,9 @@ def _volume_patches(
     k_vol, k_grid, k_patch = jax.random.split(key, 3)
     if int(np.prod(spatial)) >= 2**31:
         raise ConfigError(f"CPC: {spatial} voxels per input overflow int32 gather indices.")
-    pshape = patch_shape(volume.shape, patches_per_side=patches_per_side, jitter=jitter)
-    starts = grid_starts(
-        volume.shape, k_grid, patches_per_side=patches_per_side, jitter=jitter, training=training
-    )  # [N, n]
+    grid = dict(patches_per_side=patches_per_side, jitter=jitter, grid_fraction=grid_fraction)
+    pshape = patch_shape(volume.shape, **grid)
+    starts = grid_starts(volume.shape, k_grid, training=training, **grid)  # [N, n]
     count = starts.shape[0]
 
     vcrop = _crop_shape(spatial, volume_crop) if training else spatial
@@ -540,6 +552,7 @@ def loss_fn(
     flip: bool = False,
     temperature: float = 1.0,
     training: bool,
+    grid_fraction: float = 1.0,
     dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CPC loss on a batch: patches and augmentation on device, encode, GRU, predict, InfoNCE.
@@ -548,7 +561,7 @@ def loss_fn(
       model: a `CPCModel` built for the same `patches_per_side` and the input's spatial rank.
       volumes: `[B, *spatial, C]` float.
       key: `jax.random` key for the grid jitter and augmentations.
-      patches_per_side, jitter, volume_crop, patch_crop, flip: see `make_batch`.
+      patches_per_side, jitter, volume_crop, patch_crop, flip, grid_fraction: see `make_batch`.
       temperature: InfoNCE temperature.
       training: static; augmentation and model train mode (dropout) if True.
       dropout_key: key for dropout; required if `training` and the model has dropout > 0.
@@ -566,6 +579,7 @@ def loss_fn(
         patch_crop=patch_crop,
         flip=flip,
         training=training,
+        grid_fraction=grid_fraction,
     )
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
     predictions, latents = model(patches, train=training, rngs=rngs)
@@ -596,8 +610,9 @@ def make_task(config, *, in_channels: int):
     """The CPC `Task` for the generic pretraining loop (see `ssl3d_jax.tasks.Task`).
 
     Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate, compute_dtype,
-    remat), `config.data` (spatial_dims) and `config.cpc` (patches_per_side, jitter, code_size,
-    gru_units, temperature, volume_crop, patch_crop, flip_patches). Logs a warning when
+    remat), `config.data` (spatial_dims) and `config.cpc` (patches_per_side, jitter,
+    grid_fraction (optional, default 1), code_size, gru_units, temperature, volume_crop,
+    patch_crop, flip_patches). Logs a warning when
     `config.pretrain.grad_accum_steps > 1`: the negatives of InfoNCE then come from each
     micro-batch alone (see `ssl3d_jax.train.step`), which makes the task easier. The loss always
     augments (`training=True`) and runs the model in train mode; its dropout key is split off the
@@ -606,6 +621,7 @@ def make_task(config, *, in_channels: int):
     c = config.cpc
     p, n = _check(int(c.patches_per_side), int(config.data.spatial_dims))
     j = int(c.jitter)
+    f = check_grid_fraction(c.get("grid_fraction", 1.0), "config.cpc.grid_fraction")
     code_size, gru_units = int(c.code_size), int(c.gru_units)
     temperature = float(c.temperature)
     if not temperature > 0:
@@ -642,6 +658,7 @@ def make_task(config, *, in_channels: int):
         patches_per_side=p,
         jitter=j,
         temperature=temperature,
+        grid_fraction=f,
         **aug,
     )
 
@@ -650,7 +667,18 @@ def make_task(config, *, in_channels: int):
         "spatial_dims": n,
         "patches_per_side": p,
         "jitter": j,
+        "grid_fraction": f,
         "code_size": code_size,
         "in_channels": in_channels,
     }
-    return Task(name="cpc", build_model=build_model, loss=loss, input_spec=input_spec)
+    # Chance: uniform scores over the InfoNCE candidates of a prediction, the B * P**n latents of
+    # the (micro-)batch that the loss sees (unknown without config.pretrain.batch_size).
+    batch_size = pretrain.get("batch_size") if pretrain is not None else None
+    candidates = int(batch_size) // accum * p**n if batch_size else 0
+    return Task(
+        name="cpc",
+        build_model=build_model,
+        loss=loss,
+        input_spec=input_spec,
+        chance=classification_chance(candidates) if candidates > 1 else {},
+    )

@@ -15,6 +15,12 @@ cross-entropy; batch 8, Adam lr 1e-4. 2D (`jigsaw_2d.json`): P = 3 (9 tiles), ji
 retina images (jitter 4 on 128^2 pancreas slices), 100 permutations of 9, batch 32, lr 1e-5.
 
 Deliberate deviations from the original code:
+  * Random grid position (`config.jigsaw.grid_fraction` < 1, `ops/patches.py`): the grid spans
+    only that share of each edge, at a random origin per volume. The original's grid sat at the
+    volume's origin, so with the anatomy resized to touch every face each patch alone showed
+    which cell it came from (how much background, and where), and the puzzle could be solved
+    patch by patch without relating patches to each other (docs/results/shortcut_audit.md). The
+    `paper` size keeps the original geometry.
   * Permutation set: computed by `permutation_set` (greedy max-min Hamming selection from a seeded
     pool of random candidates, see there) instead of shipped files. The original 3D set was 100
     independent random permutations of 27 (min pairwise Hamming distance 19), with no max-Hamming
@@ -53,8 +59,8 @@ from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.layers import check_spatial_dims
 from ssl3d_jax.models.unet import Encoder3D, global_max_pool
-from ssl3d_jax.ops.patches import extract_grid
-from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
+from ssl3d_jax.ops.patches import check_grid_fraction, extract_grid
+from ssl3d_jax.tasks import Task, classification_chance, encoder_config, pretext_loss
 
 __all__ = [
     "permutation_set",
@@ -167,6 +173,7 @@ def sample_puzzle(
     jitter: int,
     permutations: np.ndarray | jax.Array,
     training: bool,
+    grid_fraction: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """One shuffled puzzle and its label from one volume (or image).
 
@@ -176,7 +183,10 @@ def sample_puzzle(
       patches_per_side: P >= 2, static.
       jitter: J >= 0, static.
       permutations: `[K, N]` int, `N = P**spatial_dims` (e.g. `permutation_set(K, N)`).
-      training: static; random jitter offsets if True, centre offsets otherwise.
+      training: static; random jitter offsets (and grid origin) if True, centre offsets
+        otherwise.
+      grid_fraction: static share of each edge the grid spans (`ops.patches.grid_starts`); 1 is
+        the original's grid at the origin.
 
     Returns:
       `shuffled [N, *patch, C]` (dtype of volume) with `shuffled[s] = patches[perm[label][s]]`,
@@ -187,7 +197,12 @@ def sample_puzzle(
     perms = _as_permutations(permutations, n)
     key_grid, key_label = jax.random.split(key)
     patches = extract_grid(
-        volume, key_grid, patches_per_side=patches_per_side, jitter=jitter, training=training
+        volume,
+        key_grid,
+        patches_per_side=patches_per_side,
+        jitter=jitter,
+        training=training,
+        grid_fraction=grid_fraction,
     )
     label = jax.random.randint(key_label, (), 0, perms.shape[0], dtype=jnp.int32)
     return patches[perms[label]], label
@@ -201,13 +216,14 @@ def make_batch(
     jitter: int,
     permutations: np.ndarray | jax.Array,
     training: bool,
+    grid_fraction: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """`sample_puzzle` for every volume of a batch, each with its own key.
 
     Args:
       volumes: `[B, D, H, W, C]` (3D) or `[B, H, W, C]` (2D).
       key: a `jax.random` key, split into B keys.
-      patches_per_side, jitter, permutations, training: as `sample_puzzle`.
+      patches_per_side, jitter, permutations, training, grid_fraction: as `sample_puzzle`.
 
     Returns:
       `shuffled [B, N, *patch, C]` (dtype of volumes), `labels [B]` int32 in `[0, K)`.
@@ -219,6 +235,7 @@ def make_batch(
         jitter=jitter,
         permutations=permutations,
         training=training,
+        grid_fraction=grid_fraction,
     )
     return jax.vmap(sample)(volumes, keys)
 
@@ -294,6 +311,7 @@ def loss_fn(
     jitter: int,
     permutations: np.ndarray | jax.Array,
     training: bool,
+    grid_fraction: float = 1.0,
     dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Jigsaw loss on a batch: puzzles are built on device, then softmax cross-entropy.
@@ -302,8 +320,9 @@ def loss_fn(
       model: a `JigsawModel`.
       volumes: `[B, D, H, W, C]` or `[B, H, W, C]` float.
       key: `jax.random` key for the crops and labels.
-      patches_per_side, jitter, permutations: grid and permutation set (static).
-      training: static; random crop jitter and model train mode (dropout) if True.
+      patches_per_side, jitter, permutations, grid_fraction: grid and permutation set (static).
+      training: static; random crop jitter (and grid origin) and model train mode (dropout) if
+        True.
       dropout_key: key for dropout; required if `training` and the model has dropout > 0.
 
     Returns:
@@ -317,6 +336,7 @@ def loss_fn(
         jitter=jitter,
         permutations=permutations,
         training=training,
+        grid_fraction=grid_fraction,
     )
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
     logits = model(puzzles, train=training, rngs=rngs).astype(jnp.float32)
@@ -329,13 +349,14 @@ def make_task(config, *, in_channels: int):
     """The jigsaw `Task` for the generic pretraining loop (see `ssl3d_jax.tasks.Task`).
 
     Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate), `config.data`
-    (spatial_dims) and `config.jigsaw` (patches_per_side, jitter, num_permutations,
-    permutation_seed, head_hidden, head_dropout). The permutation set is computed here, once. The
-    loss always uses random sub-crops (`training=True`) and train mode; its dropout key is split
-    off the step key.
+    (spatial_dims) and `config.jigsaw` (patches_per_side, jitter, grid_fraction (optional,
+    default 1), num_permutations, permutation_seed, head_hidden, head_dropout). The permutation
+    set is computed here, once. The loss always uses random sub-crops and grid origins
+    (`training=True`) and train mode; its dropout key is split off the step key.
     """
     spatial_dims = check_spatial_dims(config.data.spatial_dims)
     p, j = int(config.jigsaw.patches_per_side), int(config.jigsaw.jitter)
+    f = check_grid_fraction(config.jigsaw.get("grid_fraction", 1.0), "config.jigsaw.grid_fraction")
     _check_grid(p)
     n = p**spatial_dims
     k = int(config.jigsaw.num_permutations)
@@ -366,6 +387,7 @@ def make_task(config, *, in_channels: int):
         patches_per_side=p,
         jitter=j,
         permutations=perms,
+        grid_fraction=f,
     )
 
     input_spec = {
@@ -373,10 +395,17 @@ def make_task(config, *, in_channels: int):
         "spatial_dims": spatial_dims,
         "patches_per_side": p,
         "jitter": j,
+        "grid_fraction": f,
         "num_permutations": k,
         "permutation_seed": seed,
         # Identifies the exact set, should the selection algorithm ever change.
         "permutations_sha256": hashlib.sha256(perms.tobytes()).hexdigest(),
         "in_channels": in_channels,
     }
-    return Task(name="jigsaw", build_model=build_model, loss=loss, input_spec=input_spec)
+    return Task(
+        name="jigsaw",
+        build_model=build_model,
+        loss=loss,
+        input_spec=input_spec,
+        chance=classification_chance(num_classes(k)),
+    )

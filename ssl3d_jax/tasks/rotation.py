@@ -71,7 +71,7 @@ from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.layers import check_spatial_dims, max_pool2
 from ssl3d_jax.models.unet import Encoder3D, flatten_features
-from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
+from ssl3d_jax.tasks import Task, classification_chance, encoder_config, pretext_loss
 
 __all__ = [
     "num_classes",
@@ -368,4 +368,10 @@ def make_task(config, *, in_channels: int):
         "num_classes": num_classes(spatial_dims),
         "in_channels": in_channels,
     }
-    return Task(name="rotation", build_model=build_model, loss=loss, input_spec=input_spec)
+    return Task(
+        name="rotation",
+        build_model=build_model,
+        loss=loss,
+        input_spec=input_spec,
+        chance=classification_chance(num_classes(spatial_dims)),
+    )

@@ -11,7 +11,10 @@ differ only in how the encoder starts and whether it trains:
   * 'scratch': random encoder, everything trains from step 0 (`epochs_random`);
   * 'probe': restored encoder frozen for ALL steps under a single linear layer, the standard
     linear-evaluation protocol (the original's `epochs_frozen` kept its MLP top; a linear head
-    measures the features themselves rather than what an MLP can make of them).
+    measures the features themselves rather than what an MLP can make of them);
+  * controls 'random_warmup' / 'random_probe': exactly 'pretrained' / 'probe' (same model, head
+    init, schedule, learning rate and data order) without the restore, so that the encoder
+    stays at its random initialisation (see `finetune.SCHEDULES`).
 
 Loss: softmax cross-entropy over the K grades, prediction = argmax. The original used an ordinal
 multi-label sigmoid head (grade g -> the first g+1 of K outputs on, binary cross-entropy) decoded
@@ -56,7 +59,7 @@ from ssl3d_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
-ARMS = ("pretrained", "scratch", "probe")
+ARMS = finetune.ARMS  # pretrained, scratch, probe and the controls random_warmup, random_probe
 # Used where `config.classify` (or one of its keys) is absent.
 DEFAULTS = {"head_hidden": 64, "head_dropout": 0.0, "flip": True}
 # Test images predicted per jitted call (fixed, the last chunk is padded: one compilation).
@@ -76,7 +79,8 @@ def build_model(config, *, in_channels: int, num_classes: int, spatial_dims: int
     # The same encoder settings as every pretext model, so that params['encoder'] fits.
     enc = encoder_config(config)
     enc_dropout = enc.pop("dropout_rate")
-    hidden = None if arm == "probe" else int(setting(config, "head_hidden"))
+    linear = finetune.SCHEDULES[arm] == "probe"
+    hidden = None if linear else int(setting(config, "head_hidden"))
 
     def build(rngs):
         return ClassificationModel(
@@ -189,7 +193,7 @@ def run(
             f"cases {unlabelled[:5]} of {dataset.root} have no grade in the labels CSV, but are "
             "in the labeled / test split"
         )
-    restores = arm in ("pretrained", "probe")
+    restores = arm in finetune.RESTORED_ARMS
     if restores:  # fail before any compilation
         if not init_from:
             raise CheckpointError(
@@ -216,7 +220,8 @@ def run(
         enc, restored = restore_encoder(init_from, jax.device_get(params["encoder"]))
         params = dict(params, encoder=parallel.replicate(enc, mesh))
 
-    tx = optax.adam(cfg.probe_learning_rate if arm == "probe" else cfg.learning_rate)
+    schedule = finetune.SCHEDULES[arm]
+    tx = optax.adam(finetune.learning_rate(config, arm))
     state = step_lib.create_train_state(tx, params, key_run, mesh)
     loss_fn = functools.partial(classification_loss, flip=bool(setting(config, "flip")))
     full_step = step_lib.jit_train_step(
@@ -226,10 +231,10 @@ def run(
         step_lib.make_train_step(graphdef, loss_fn, tx, trainable=("head",), accum_steps=accum),
         mesh,
     )
-    if arm == "probe":
+    if schedule == "probe":
         warmup, step_fn = cfg.num_steps, (lambda s: head_step)
     else:
-        warmup = cfg.warmup_frozen_steps if arm == "pretrained" else 0
+        warmup = cfg.warmup_frozen_steps if schedule == "warmup" else 0
         step_fn = lambda s: head_step if s < warmup else full_step  # noqa: E731
 
     batches = common.train_iterator(
@@ -262,7 +267,7 @@ def run(
         "accuracy": metrics.accuracy(y_true, y_pred),
         "qwk": metrics.quadratic_weighted_kappa(y_true, y_pred, num_classes=num_classes),
     }
-    lr = cfg.probe_learning_rate if arm == "probe" else cfg.learning_rate
+    lr = finetune.learning_rate(config, arm)
     tb = finetune.open_tensorboard(config, workdir, phase, learning_rate=lr)
     if tb is not None:  # opened after training (see finetune.run)
         tb.scalars(dict(scores, phase=f"{phase}/test", step=cfg.num_steps))
@@ -284,7 +289,7 @@ def run(
         "num_test": len(per_case),
         "steps": cfg.num_steps,
         "warmup_frozen_steps": warmup,
-        "trainable": "head" if arm == "probe" else "all",
+        "trainable": "head" if schedule == "probe" else "all",
         "restored_from": init_from if restored else None,
         "restored_tensors": len(restored["loaded"]) if restored else 0,
     }

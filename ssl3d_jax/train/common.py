@@ -36,6 +36,7 @@ def make_preprocess(config, dataset, *, keep_geometry: bool = False) -> preproce
         ct_window=tuple(d.ct_window),
         spacing=tuple(d.spacing) if d.spacing else None,
         crop_foreground=d.crop_foreground,
+        background=d.get("background", "zero"),
         keep_geometry=keep_geometry,
     )
 
@@ -200,6 +201,7 @@ def run_meta(config, dataset, *, phase: str) -> dict:
             "ct_window": list(d.ct_window) if dataset.modality == "ct" else None,
             "spacing": list(d.spacing) if d.spacing else None,
             "crop_foreground": d.crop_foreground,
+            "background": d.get("background", "zero") if dataset.modality == "mri" else None,
         },
         "dataset": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root)},
         "config": config.to_dict()
@@ -239,6 +241,7 @@ def fit(
     probes: tuple = (),
     case_names: list[str] | None = None,
     tensorboard: bool = False,
+    chance: dict[str, float] | None = None,
 ):
     """`loop.train_loop` with the settings of `cfg` (`config.pretrain` or `config.finetune`),
     checkpointing into `ckpt` and closing the data iterator (its worker processes) at the end.
@@ -247,6 +250,7 @@ def fit(
     `case_names`: the names of the cases that `batches` reads, in source order (what a record's
     `case_index` indexes), so that a non-finite loss names the cases of its batch.
     `tensorboard`: also write every record to TensorBoard (`config.tensorboard`).
+    `chance`: the chance level of each metric (`Task.chance`), logged beside it (`chance_<k>`).
     """
     try:
         return loop.train_loop(
@@ -269,6 +273,7 @@ def fit(
             probes=probes,
             describe_batch=describe_cases(case_names),
             prefetch=getattr(batches, "device_prefetch", DEFAULT_PREFETCH),
+            chance=chance,
         )
     finally:
         close = getattr(batches, "close", None)

@@ -1,8 +1,17 @@
-"""From `config.data` to cases and splits: which scans pretrain, which are labelled, which test.
+"""From `config.data` to cases and splits: which scans pretrain, which are labelled, which
+validate, which test.
 
 Splits are drawn from the sorted case names with `config.seed`, never from file-system order (the
 original's `os.listdir` order made its splits machine-dependent), and are written to
-`<workdir>/splits.json` so that every arm and every rerun uses the same cases.
+`<workdir>/splits.json` so that every arm and every rerun uses the same cases:
+
+  * 'test' (`config.data.num_test`): only scored, never used to choose anything;
+  * 'val' (`config.data.num_val`): scored by every finetuning run (`val_metrics`) for choices
+    such as the probe learning rate, and held out of pretraining (so that a pretext loss can be
+    measured on unseen cases);
+  * 'train': every other case; pretraining reads these (unlabelled), and the labelled sets are
+    drawn from them;
+  * 'labeled' ⊆ 'train': the finetuning set.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ def open_dataset(config):
 
 
 def base_split(config, dataset) -> dict:
-    """Test / train / labelled split of `dataset` from `config.seed` (see `make_splits`).
+    """Test / val / train / labelled split of `dataset` from `config.seed` (see `make_splits`).
 
     An unlabelled dataset (a folder of NIfTI scans) only pretrains: every scan is 'train'.
     """
@@ -57,21 +66,32 @@ def base_split(config, dataset) -> dict:
                 f"{config.mode!r} cannot finetune on it; use config.mode='pretrain' here and "
                 "finetune on a labelled dataset with config.finetune.init_from"
             )
-        return {"test": [], "train": sorted(names), "labeled": []}
+        return {"test": [], "val": [], "train": sorted(names), "labeled": []}
     num_labeled = config.finetune.num_labeled
     if config.mode in ("experiment", "sweep"):
         num_labeled = -1  # the labelled sets come from config.experiment.fractions
     return make_splits(
-        names, num_test=config.data.num_test, num_labeled=num_labeled, seed=config.seed
+        names,
+        num_test=config.data.num_test,
+        num_val=config.data.get("num_val", 0),
+        num_labeled=num_labeled,
+        seed=config.seed,
     )
 
 
-def make_splits(names: list[str], *, num_test: int, num_labeled: int, seed: int) -> dict:
+def make_splits(
+    names: list[str], *, num_test: int, num_labeled: int, seed: int, num_val: int = 0
+) -> dict:
     """Deterministic split of case names.
 
+    One permutation of the sorted names from `seed`: its first `num_test` names are the test
+    cases (the same as before validation splits existed), the next `num_val` the validation
+    cases, the rest the training cases.
+
     Returns:
-      {'test': [...], 'train': [...], 'labeled': [...]}: `train` (all non-test cases) is used
-      unlabelled for pretraining; `labeled` ⊆ `train` is the finetuning set.
+      {'test': [...], 'val': [...], 'train': [...], 'labeled': [...]}, pairwise disjoint except
+      `labeled` ⊆ `train`: `train` (the non-test, non-validation cases) is used unlabelled for
+      pretraining; `labeled` is the finetuning set.
     """
     names = sorted(names)
     if not 0 < num_test < len(names):
@@ -79,18 +99,26 @@ def make_splits(names: list[str], *, num_test: int, num_labeled: int, seed: int)
             f"config.data.num_test={num_test}: need 0 < num_test < the number of "
             f"cases ({len(names)})"
         )
+    if not 0 <= num_val < len(names) - num_test:
+        raise ConfigError(
+            f"config.data.num_val={num_val}: need 0 <= num_val < {len(names) - num_test} (the "
+            f"{len(names)} cases less config.data.num_test={num_test}, keeping at least one "
+            "training case)"
+        )
     perm = np.random.default_rng(seed).permutation(len(names))
     test = sorted(names[i] for i in perm[:num_test])
-    train_order = [names[i] for i in perm[num_test:]]
+    val = sorted(names[i] for i in perm[num_test : num_test + num_val])
+    train_order = [names[i] for i in perm[num_test + num_val :]]
     if num_labeled == -1:
         num_labeled = len(train_order)
     if not 0 < num_labeled <= len(train_order):
         raise ConfigError(
             f"config.finetune.num_labeled={num_labeled}: need 1..{len(train_order)} "
-            "(the non-test cases) or -1 for all"
+            "(the non-test, non-validation cases) or -1 for all"
         )
     return {
         "test": test,
+        "val": val,
         "train": sorted(train_order),
         "labeled": sorted(train_order[:num_labeled]),
     }
@@ -121,10 +149,12 @@ def fraction_splits(
     `max(1, round(f · N))` names are the labelled set of fraction `f`, so the sets of one
     repetition are nested (5% ⊂ 10% ⊂ …) and every method sees exactly the same cases. (The
     original took the first files of `os.listdir`, the same subset in every repetition and a
-    different one on every machine.)
+    different one on every machine.) The test and validation cases are those of `base` in every
+    repetition, so that per-case scores pair up across repetitions.
 
     Returns:
-      {(fraction, repetition): {'test', 'train', 'labeled', 'fraction', 'repetition', 'seed'}}.
+      {(fraction, repetition): {'test', 'val', 'train', 'labeled', 'fraction', 'repetition',
+      'seed'}}.
     """
     train = sorted(base["train"])
     out = {}
@@ -137,6 +167,7 @@ def fraction_splits(
             n = max(1, int(round(float(f) * len(train))))
             out[(float(f), r)] = {
                 "test": list(base["test"]),
+                "val": list(base.get("val", [])),
                 "train": train,
                 "labeled": sorted(train[i] for i in perm[:n]),
                 "fraction": float(f),
@@ -159,10 +190,17 @@ def load_or_write_split(splits_dir: str, split: dict) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
+        if "val" not in saved:
+            raise ConfigError(
+                f"{path}: this split file was written by an older version without a validation "
+                "split (config.data.num_val); its methods were compared without one. Use a new "
+                "--workdir (or config.experiment.splits_dir), or delete the old split files"
+            )
         if saved != split:
             raise ConfigError(
                 f"{path}: this split file differs from the split this config draws (other "
-                "data, seed or num_test?); use another config.experiment.splits_dir or delete it"
+                "data, seed, num_test or num_val?); use another config.experiment.splits_dir "
+                "or delete it"
             )
         return saved
     write_json(path, split)
@@ -171,5 +209,6 @@ def load_or_write_split(splits_dir: str, split: dict) -> dict:
 
 def pretraining_cases(dataset, split: dict) -> list:
     """The training cases of `split`, plus the dataset's unlabelled cases (e.g. Decathlon test
-    scans): self-supervised pretraining needs no labels, and never sees a test case."""
+    scans): self-supervised pretraining needs no labels, and never sees a test or validation
+    case."""
     return select(dataset.cases, split["train"]) + list(dataset.unlabelled_cases)

@@ -6,6 +6,11 @@ everything; the 'scratch' arm trains the same network from random initialisation
 keeps the restored encoder frozen and trains only a voxel-wise linear read-out of its features
 (how much of the segmentation the pretext features already hold). All arms use the same
 initialisation key, data order and steps, so the only difference is the encoder's start.
+Two controls separate what the pretext weights bring from what the protocol does: 'random_warmup'
+trains exactly as 'pretrained' (same model, decoder init, data order, learning rate and frozen
+warm-up schedule, `trainable_parts`) from the randomly initialised encoder, and 'random_probe'
+is the 'probe' read-out on a frozen randomly initialised encoder; the only difference to their
+pretrained counterparts is the skipped restore (`RESTORED_ARMS`).
 Classification datasets (2D images with grades) go to `ssl3d_jax.train.classify`.
 
 Deviations from the original: Adam's state is kept across the unfreeze (the original re-created
@@ -13,8 +18,10 @@ the optimizer), the loss is soft Dice over the tumour classes + cross-entropy, a
 reports per-case Dice of each evaluation region of the dataset (BraTS: WT/TC/ET; Decathlon: one
 per labelled structure), each on its own, never averaged with the background (the original's
 region scores were broken by a double argmax). Scores are computed in each scan's own voxel grid:
-the prediction on the model's cube (or, with `resize_mode='none'`, the sliding-window prediction)
-is mapped back through the preprocessing, exactly as the exported NIfTI prediction.
+the class probabilities on the model's cube (or, with `resize_mode='none'`, the sliding-window
+probabilities) are mapped back through the preprocessing and the argmax is taken there (as
+nnU-Net does), exactly as for the exported NIfTI prediction. HD95 scores a missed or falsely
+detected region as BraTS does (`metrics.HD95_MISSING_MM`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -42,16 +50,46 @@ from ssl3d_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
-ARMS = ("pretrained", "scratch", "probe")
-# Top-level parts trained in each arm (None: all); the encoder of 'probe' never trains.
+# How each arm trains (see `trainable_parts`): 'warmup' = the decoder alone for
+# `config.finetune.warmup_frozen_steps`, then everything; 'full' = everything from step 0;
+# 'probe' = a linear read-out of the frozen encoder (VoxelLinearProbe). The controls train
+# exactly as the arm of the same schedule and differ from it only in skipping the restore.
+SCHEDULES = {
+    "pretrained": "warmup",
+    "scratch": "full",
+    "probe": "probe",
+    "random_warmup": "warmup",
+    "random_probe": "probe",
+}
+ARMS = tuple(SCHEDULES)
+# Arms whose encoder is restored from the pretraining checkpoint (all others keep the random
+# initialisation of the shared init key).
+RESTORED_ARMS = ("pretrained", "probe")
+# Top-level parts trained (None: all); the encoder of the probe arms never trains.
 _WARMUP_PARTS = ("decoder",)
 _PROBE_PARTS = ("head",)
+
+
+def trainable_parts(config, arm: str, step: int) -> tuple[str, ...] | None:
+    """The top-level parameter parts that train at (0-based) `step` of `arm`; None: all."""
+    schedule = SCHEDULES[arm]
+    if schedule == "probe":
+        return _PROBE_PARTS
+    if schedule == "warmup" and step < config.finetune.warmup_frozen_steps:
+        return _WARMUP_PARTS
+    return None
+
+
+def learning_rate(config, arm: str) -> float:
+    """`config.finetune.probe_learning_rate` for the probe arms, else `learning_rate`."""
+    cfg = config.finetune
+    return cfg.probe_learning_rate if SCHEDULES[arm] == "probe" else cfg.learning_rate
 
 
 def build_model(config, *, in_channels: int, num_classes: int, arm: str = "scratch"):
     # The same encoder settings as every pretext model, so that params['encoder'] fits.
     encoder_kwargs = encoder_config(config)
-    cls = VoxelLinearProbe if arm == "probe" else SegmentationModel
+    cls = VoxelLinearProbe if SCHEDULES[arm] == "probe" else SegmentationModel
 
     def build(rngs):
         return cls(
@@ -129,11 +167,19 @@ def check_compatible(init_from: str, config, dataset) -> dict:
 def run(
     config, workdir: str, arm: str, splits: dict, dataset, *, init_from: str | None, mesh=None
 ) -> dict:
-    """Finetune one arm on `splits['labeled']`, evaluate on `splits['test']`.
+    """Finetune one arm on `splits['labeled']`, evaluate on `splits['val']` and `splits['test']`.
+
+    `config.seed` seeds the run: the init key (decoder / read-out / random encoder), the data
+    order and the dropout keys (the experiment passes each repetition's seed in it).
 
     Returns:
       JSON-able results: `metrics` (mean over test cases of each region's Dice, plus HD95 when
-      `config.finetune.hd95`), per-case scores, what was restored, the steps.
+      `config.finetune.hd95`), `val_metrics` / `val_per_case` / `num_val` (the same on the
+      validation cases, None without any: choose settings on these, never on the test
+      scores), `seed`, `n_excluded` (per metric, the test cases left out of its mean:
+      HD95 of a region absent from both prediction and truth), `dice_nearest_argmax_mean`
+      (Dice of the labels mapped back by nearest neighbour instead of the probabilities, see
+      `evaluate`), per-case scores, what was restored, the steps.
     """
     if dataset.kind == "classification":
         from ssl3d_jax.train import classify
@@ -160,7 +206,7 @@ def run(
     )
     graphdef, params = step_lib.init_params(build, key_init, mesh)
     restored = None
-    if arm in ("pretrained", "probe"):
+    if arm in RESTORED_ARMS:  # the only difference between an arm and its random control
         if not init_from:
             raise CheckpointError(
                 f"finetune arm {arm!r} needs config.finetune.init_from "
@@ -170,29 +216,19 @@ def run(
         enc, restored = restore_encoder(init_from, jax.device_get(params["encoder"]))
         params = dict(params, encoder=parallel.replicate(enc, mesh))
 
-    tx = optax.adam(cfg.probe_learning_rate if arm == "probe" else cfg.learning_rate)
+    tx = optax.adam(learning_rate(config, arm))
     state = step_lib.create_train_state(tx, params, key_run, mesh)
     loss_fn = make_loss(config, dataset.num_classes)
-    if arm == "probe":
-        probe_step = step_lib.jit_train_step(
-            step_lib.make_train_step(
-                graphdef, loss_fn, tx, trainable=_PROBE_PARTS, accum_steps=accum
-            ),
-            mesh,
-        )
-        step_fn = lambda s: probe_step  # noqa: E731
-    else:
-        full_step = step_lib.jit_train_step(
-            step_lib.make_train_step(graphdef, loss_fn, tx, accum_steps=accum), mesh
-        )
-        frozen_step = step_lib.jit_train_step(
-            step_lib.make_train_step(
-                graphdef, loss_fn, tx, trainable=_WARMUP_PARTS, accum_steps=accum
-            ),
-            mesh,
-        )
-        warmup = cfg.warmup_frozen_steps if arm == "pretrained" else 0
-        step_fn = lambda s: frozen_step if s < warmup else full_step  # noqa: E731
+    step_fns = {}  # trainable parts -> jitted step, built on first use
+
+    def step_fn(step):
+        parts = trainable_parts(config, arm, step)
+        if parts not in step_fns:
+            step_fns[parts] = step_lib.jit_train_step(
+                step_lib.make_train_step(graphdef, loss_fn, tx, trainable=parts, accum_steps=accum),
+                mesh,
+            )
+        return step_fns[parts]
 
     labeled = data_lib.select(dataset.cases, splits["labeled"])
     batches = common.train_iterator(
@@ -216,14 +252,29 @@ def run(
         tensorboard=bool(config.get("tensorboard", False)),
     )
 
+    # Validation cases first: scored like the test cases, without predictions or overlays.
+    val = data_lib.select(dataset.cases, splits.get("val") or [])
+    val_per_case = val_metrics = None
+    if val:
+        val_per_case = evaluate(
+            config, dataset, graphdef, state.params, val, phase=f"{phase}/val"
+        ).scores
+        val_metrics, _ = metrics.mean_over_cases(val_per_case)
+        log.info(
+            "[%s] val (%d cases): %s",
+            phase,
+            len(val_per_case),
+            "  ".join(f"{r} {v:.3f}" for r, v in val_metrics.items()),
+        )
+
     test = data_lib.select(dataset.cases, splits["test"])
     out_dir = os.path.join(arm_dir, "predictions") if cfg.save_predictions else None
     # Opened after training: an event file that sorts before the training loop's (which purges
     # the steps after a resume) would have its later steps hidden by that purge.
-    lr = cfg.probe_learning_rate if arm == "probe" else cfg.learning_rate
+    lr = learning_rate(config, arm)
     tb = open_tensorboard(config, workdir, phase, learning_rate=lr)
     try:
-        per_case = evaluate(
+        per_case, nearest_per_case = evaluate(
             config,
             dataset,
             graphdef,
@@ -234,30 +285,41 @@ def run(
             tb_step=cfg.num_steps,
             phase=phase,
         )
-        summary = {
-            k: float(np.nanmean([d[k] for d in per_case.values()]))
-            for k in next(iter(per_case.values()))
-        }
+        # NaN scores (HD95 of a region absent from both prediction and truth) are left out of
+        # the means and counted in `n_excluded`.
+        summary, n_excluded = metrics.mean_over_cases(per_case)
+        dice_nearest, _ = metrics.mean_over_cases(nearest_per_case)
         if tb is not None:
             tb.scalars(dict(summary, phase=f"{phase}/test", step=cfg.num_steps))
+            if val_metrics is not None:
+                tb.scalars(dict(val_metrics, phase=f"{phase}/val", step=cfg.num_steps))
     finally:
         if tb is not None:
             tb.close()
     dice_mean = {r: summary[r] for r, _ in dataset.regions}
     log.info(
-        "[%s] test (%d cases): %s",
+        "[%s] test (%d cases): %s%s; Dice with nearest-neighbour argmax labels: %s",
         phase,
         len(per_case),
         "  ".join(f"{r} {v:.3f}" for r, v in summary.items()),
+        "".join(f"  ({n} left out of {k}: absent from both)" for k, n in n_excluded.items() if n),
+        "  ".join(f"{r} {v:.3f}" for r, v in dice_nearest.items()),
     )
     return {
         "metrics": summary,
+        "n_excluded": n_excluded,
         "dice_mean": dice_mean,
+        "dice_nearest_argmax_mean": dice_nearest,
         "dice_per_case": per_case,
+        "val_metrics": val_metrics,
+        "val_per_case": val_per_case,
         "num_labeled": len(splits["labeled"]),
+        "num_val": len(val),
         "num_test": len(per_case),
+        "seed": int(config.seed),
+        "learning_rate": lr,
         "steps": cfg.num_steps,
-        "warmup_frozen_steps": cfg.warmup_frozen_steps if arm == "pretrained" else 0,
+        "warmup_frozen_steps": cfg.warmup_frozen_steps if SCHEDULES[arm] == "warmup" else 0,
         "restored_from": init_from if restored else None,
         "restored_tensors": len(restored["loaded"]) if restored else 0,
         "predictions": out_dir,
@@ -291,28 +353,50 @@ def make_predictor(config, graphdef):
     return predict
 
 
-def predict_volume(config, predict, params, volume: np.ndarray) -> np.ndarray:
-    """Class indices int32 `[*spatial]` of one preprocessed volume `[*spatial, C]`.
+def predict_probs(config, predict, params, volume: np.ndarray) -> np.ndarray:
+    """Class probabilities float32 `[*spatial, K]` (softmax over the classes) of one
+    preprocessed volume `[*spatial, C]`.
 
     3D: one forward pass on the cube, or sliding windows of the training crop over a larger
-    volume (`resize_mode='none'`); 2D: every axial slice of the cube as one batch, stacked back,
-    so that 2D and 3D models are scored on the same voxels.
+    volume (`resize_mode='none'`; overlapping windows' softmax blended); 2D: every axial slice of
+    the cube as one batch, softmax per slice, stacked back, so that 2D and 3D models are scored
+    on the same voxels.
     """
     size = config.data.size
+    softmax = lambda x: np.asarray(jax.nn.softmax(predict(params, x), axis=-1))  # noqa: E731
     if config.data.spatial_dims == 2:
         stack = np.moveaxis(volume, slices.AXIAL_AXIS, 0)
-        logits = np.asarray(predict(params, stack))
-        return np.moveaxis(np.argmax(logits, axis=-1), 0, slices.AXIAL_AXIS).astype(np.int32)
-    if tuple(volume.shape[:3]) == (size,) * 3:
-        return np.argmax(np.asarray(predict(params, volume[None]))[0], axis=-1).astype(np.int32)
-    probs = inference.sliding_window(
-        lambda x: np.asarray(jax.nn.softmax(predict(params, x), axis=-1)),
-        volume,
-        window=(size,) * 3,
-        overlap=config.finetune.sliding_window_overlap,
-        batch_size=1,
-    )
-    return np.argmax(probs, axis=-1).astype(np.int32)
+        probs = np.moveaxis(softmax(stack), 0, slices.AXIAL_AXIS)
+    elif tuple(volume.shape[:3]) == (size,) * 3:
+        probs = softmax(volume[None])[0]
+    else:
+        probs = inference.sliding_window(
+            softmax,
+            volume,
+            window=(size,) * 3,
+            overlap=config.finetune.sliding_window_overlap,
+            batch_size=1,
+        )
+    return np.asarray(probs, np.float32)
+
+
+def predict_volume(config, predict, params, volume: np.ndarray) -> np.ndarray:
+    """Class indices int32 `[*spatial]` of one preprocessed volume `[*spatial, C]`: the argmax
+    of `predict_probs`, on the model's grid."""
+    return np.argmax(predict_probs(config, predict, params, volume), axis=-1).astype(np.int32)
+
+
+class Evaluation(NamedTuple):
+    """What `evaluate` returns.
+
+    scores: {case_name: {region: Dice, ...(, 'HD95 <region>': mm)}}, of the prediction made as
+      nnU-Net does (class probabilities resampled to the scan's grid, argmax there).
+    dice_nearest_argmax: {case_name: {region: Dice}} of the previous way (argmax on the model's
+      grid, labels mapped back by nearest neighbour), kept to report what the change did.
+    """
+
+    scores: dict
+    dice_nearest_argmax: dict
 
 
 def evaluate(
@@ -326,18 +410,23 @@ def evaluate(
     tb: tensorboard.Writer | None = None,
     tb_step: int = 0,
     phase: str = "finetune",
-) -> dict:
+) -> Evaluation:
     """Per-case scores of each evaluation region, in each scan's own voxel grid.
 
-    The prediction on the preprocessed volume is mapped back through the preprocessing
-    (fitting, crop, resampling) to the scan's grid and scored against the label file as loaded;
-    with `out_dir` it is also written there as `<case>_pred.nii.gz` with the scan's shape and
-    affine. With `tb`, the first `NUM_OVERLAYS` cases are shown as `<phase>/overlay/<case>` at
-    `tb_step`: the axial slice with the most true foreground, plain / true / predicted labels.
-    A progress bar counts the cases (on a terminal; else a log line per ~10 %).
+    The class probabilities on the preprocessed volume are mapped back through the preprocessing
+    (fitting, crop, resampling; linearly, channel by channel) to the scan's grid, where the argmax
+    gives the prediction (`export.probs_to_native`, as nnU-Net does); it is scored against the
+    label file as loaded, and with `out_dir` written there as `<case>_pred.nii.gz` with the
+    scan's shape and affine. The Dice of the previous way (argmax on the model's grid, labels
+    mapped back by nearest neighbour) is computed too. With `tb`, the first `NUM_OVERLAYS` cases
+    are shown as `<phase>/overlay/<case>` at `tb_step`: the axial slice with the most true
+    foreground, plain / true / predicted labels. A progress bar counts the cases (on a terminal;
+    else a log line per ~10 %).
 
     Returns:
-      {case_name: {region: Dice, ...(, 'HD95 <region>': mm)}}.
+      `Evaluation(scores, dice_nearest_argmax)`. HD95 (with `config.finetune.hd95`) is
+      `metrics.HD95_MISSING_MM` for a region in exactly one of prediction and truth, nan for a
+      region in neither (`metrics.mean_over_cases` leaves those out and counts them).
     """
     predict = make_predictor(config, graphdef)
     prep = common.make_preprocess(config, dataset, keep_geometry=True)
@@ -346,7 +435,7 @@ def evaluate(
     out_dir = out_dir if parallel.is_primary() else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    out = {}
+    out, nearest_dice = {}, {}
     bar = Progress(len(cases), f"evaluate {phase}")
     for i, case in enumerate(cases):
         raw = source[i]
@@ -359,9 +448,11 @@ def evaluate(
                 config.finetune.sliding_window_overlap,
                 tuple(rec["image"].shape[:3]),
             )
-        pred = export.to_native(
-            predict_volume(config, predict, params, rec["image"]), rec["geometry"]
-        )
+        probs = predict_probs(config, predict, params, rec["image"])
+        pred = export.probs_to_native(probs, rec["geometry"])
+        nearest = export.to_native(np.argmax(probs, axis=-1).astype(np.int32), rec["geometry"])
+        del probs
+        nearest_dice[case.name] = metrics.region_dice(nearest, raw["label"], dataset.regions)
         scores = metrics.region_dice(pred, raw["label"], dataset.regions)
         if config.finetune.hd95:
             spacing = tuple(float(s) for s in np.linalg.norm(raw["affine"][:3, :3], axis=0))
@@ -387,4 +478,4 @@ def evaluate(
                 label_values=dataset.label_values,
             )
     bar.close()
-    return out
+    return Evaluation(out, nearest_dice)

@@ -122,6 +122,24 @@ class MetricWriter:
         return len(lines) - len(kept)
 
 
+def window_mean(steps: list[dict[str, float]]) -> dict[str, float]:
+    """`{metric: mean}` over the steps of a log window (each step's `{metric: value}`); a metric
+    that only some steps report is averaged over those."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for m in steps:
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+            counts[k] = counts.get(k, 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def _with_chance(name: str, value: float, chance: dict[str, float]) -> str:
+    """`'loss 2.63 (chance 3.258)'`, or `'loss 2.63'` for a metric without a chance value."""
+    text = f"{name} {value:.4g}"
+    return f"{text} (chance {chance[name]:.4g})" if name in chance else text
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -144,8 +162,14 @@ def train_loop(
     probes: tuple = (),
     describe_batch: Callable[[dict], str] | None = None,
     prefetch: int = 2,
+    chance: dict[str, float] | None = None,
 ):
     """Run steps `state.step` … `num_steps − 1` and return the final state.
+
+    Every `log_every` steps (and at every checkpoint and the end) one record goes to `writer`:
+    the MEAN over the steps since the previous record (the log window) of each metric that the
+    step function returns, never one step's value. Each step's metrics are checked for NaN / Inf
+    individually (the error names the step).
 
     Args:
       phase: name written with every metric record ('pretrain', 'finetune/pretrained', …).
@@ -163,6 +187,10 @@ def train_loop(
         the steps not yet checked and named in a `NonFiniteLossError`.
       prefetch: batches read and put on the device ahead of the step, in a background thread
         (`DevicePrefetcher`); 0 reads each batch in the loop, between steps.
+      chance: `{metric: value}` a model that learned nothing would score (`Task.chance`): every
+        record also holds `chance_<metric>`, and the log line shows `loss 2.63 (chance 3.26)`.
+
+    Each checkpoint's meta also holds `train_metrics`: the record's window means and its `step`.
 
     `data_wait_fraction` in each record: the share of the interval's wall time that the device
     sat idle because the loop was waiting for its next batch, i.e. the loop blocked on the
@@ -174,6 +202,7 @@ def train_loop(
       NonFiniteLossError: naming the step and its batch; no checkpoint of that step or later is
         written (the earlier ones are untouched).
     """
+    chance = dict(chance or {})
     start = int(jax.device_get(state.step))
     dropped = writer.drop_after(phase, start)
     if dropped:
@@ -182,6 +211,7 @@ def train_loop(
     pending: list[tuple[int, dict, str]] = []
     t_last, n_last = time.perf_counter(), start
     t_data = 0.0
+    window: dict = {}  # the means of the last record, for the checkpoint meta
     # On a terminal a progress bar replaces the per-flush log lines (else they are the log).
     bar = Progress(num_steps, phase, initial=start, unit="steps")
 
@@ -192,7 +222,7 @@ def train_loop(
         pending = []
         now = time.perf_counter()
         rate = (step_done - n_last) / max(now - t_last, 1e-9)
-        last = {}
+        steps = []
         for s, m in host:
             m = {k: float(v) for k, v in m.items()}
             if not all(math.isfinite(v) for v in m.values()):
@@ -201,9 +231,11 @@ def train_loop(
                     f"{phase}: non-finite metrics at step {s}{batch}: {m}; stopping without "
                     "saving this state (the last good checkpoint is kept)"
                 )
-            last = m
+            steps.append(m)
+        mean = window_mean(steps)
         record = dict(
-            last,
+            mean,
+            **{f"chance_{k}": float(v) for k, v in chance.items()},
             phase=phase,
             step=step_done,
             steps_per_sec=rate,
@@ -212,9 +244,12 @@ def train_loop(
         )
         writer.write(record)
         eta = (num_steps - step_done) / max(rate, 1e-9)
-        shown = " ".join(f"{k} {last[k]:.4g}" for k in sorted(last))
+        shown = " ".join(_with_chance(k, mean[k], chance) for k in sorted(mean))
         if bar.enabled:
-            bar.update(step_done - bar.n, **{k: last[k] for k in ("loss",) if k in last})
+            postfix = {}
+            if "loss" in mean:  # `loss=2.63 (chance 3.258)`
+                postfix["loss"] = _with_chance("loss", mean["loss"], chance)[len("loss ") :]
+            bar.update(step_done - bar.n, **postfix)
         (log.debug if bar.enabled else log.info)(
             "[%s] step %d/%d  %s  %.2f steps/s  eta %s",
             phase,
@@ -225,7 +260,7 @@ def train_loop(
             _fmt_time(eta),
         )
         t_last, n_last, t_data = now, step_done, 0.0
-        return last
+        return mean
 
     # The data position is taken right after each read and travels with its batch: the
     # prefetcher reads ahead, and a checkpoint must resume after the last CONSUMED batch.
@@ -270,7 +305,7 @@ def train_loop(
                 done == num_steps or (checkpoint_every and done % checkpoint_every == 0)
             )
             if done % log_every == 0 or done == num_steps or save:
-                flush(done)  # also checks finiteness before anything is saved
+                window = flush(done)  # also checks finiteness before anything is saved
             for name, every, fn in probes:
                 if every and (done % every == 0 or done == num_steps):
                     t_probe = time.perf_counter()
@@ -281,7 +316,8 @@ def train_loop(
                     t_last += time.perf_counter() - t_probe  # not counted as training time
             if save:  # after every record of this step: a resumed run never logs them again
                 at = data_iter if item.position is None else IteratorPosition(item.position)
-                checkpointer.save(done, state, meta or {}, data_iter=at)
+                saved_meta = dict(meta or {}, train_metrics=dict(window, step=done))
+                checkpointer.save(done, state, saved_meta, data_iter=at)
     finally:
         if feed is not None:
             feed.close()  # before the caller closes `batches`: the thread reads from it
