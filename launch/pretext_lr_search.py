@@ -18,10 +18,7 @@ import argparse
 import datetime
 import importlib
 import json
-import os
 import pathlib
-import platform
-import subprocess
 import sys
 import time
 
@@ -40,27 +37,6 @@ def _records(path: pathlib.Path, phase: str) -> list[dict]:
         if rec.get("phase") == phase:
             out.append(rec)
     return out
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def _override(config, assignments) -> None:
@@ -223,6 +199,8 @@ def main(argv=None) -> None:
     lrs = [float(x) for x in args.lrs.split(",") if x]
     t0 = time.time()
     start = datetime.datetime.now(datetime.timezone.utc)
+    from ssl3d_jax.audit import git_commit, machine_description
+
     rows = search(
         tasks,
         lrs,
@@ -237,8 +215,8 @@ def main(argv=None) -> None:
         sys.argv[1:] if argv is None else argv
     )
     header = (
-        f"Run {start:%Y-%m-%d %H:%M} UTC, commit {_commit()}, {_machine()}; size `{args.size}`, "
-        f"seed {args.seed}; {time.time() - t0:.0f} s in all."
+        f"Run {start:%Y-%m-%d %H:%M} UTC, commit {git_commit()}, {machine_description()}; "
+        f"size `{args.size}`, seed {args.seed}; {time.time() - t0:.0f} s in all."
     )
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -446,7 +446,8 @@ def _variants(task: str, config, size: str, dims: int, fractions: Sequence[float
     return rows
 
 
-def _machine() -> str:
+def machine_description() -> str:
+    """CPU model, core count, OS and jax version: the header line of a committed report."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -459,7 +460,8 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}; jax {jax.__version__}"
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """Short hash of the checkout this module lives in, or 'unknown'."""
     import subprocess
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -625,8 +627,8 @@ def run_report(
         input=f"{int(task_config(tasks[0], size, dims).data.size)}^{dims} inputs",
         command=command,
         date=datetime.date.today().isoformat(),
-        machine=_machine(),
-        commit=_commit(),
+        machine=machine_description(),
+        commit=git_commit(),
         data=described,
         samples_per_volume=int(samples_per_volume),
         features=features + (" (and their squares)" if squares else ""),
