@@ -188,9 +188,10 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     c.finetune.init_from = config_dict.placeholder(str)
     c.finetune.num_labeled = {"paper": -1, "default": 4, "smoke": 2}[size]  # -1: all training cases
     c.finetune.batch_size = 2 if dims == 3 else 8  # volumes, or slices in 2D
-    # Default: 300 steps at lr 3e-3, chosen on the validation split of the phantom (scratch arm,
-    # 4 labelled cases; val WT/TC/ET 0.90/0.88/0.81, vs 0.87/0.68/0.61 at lr 1e-3 and 100 steps
-    # at 1e-3 still near the start: the v2 phantom's tumours are smaller and more varied).
+    # Default: 300 steps at lr 3e-3, chosen on the validation split of the phantom v2 (then 24
+    # cases; scratch arm, 4 labelled cases, 300 steps; val WT/TC/ET 0.90/0.88/0.81 at 3e-3 vs
+    # 0.87/0.68/0.61 at 1e-3, and 100 steps at 1e-3 still near the start: the v2 phantom's
+    # tumours are smaller and more varied).
     c.finetune.num_steps = {"paper": 20_000, "default": 300, "smoke": 3}[size]
     # Steps with the encoder frozen before it is trained too (the paper's warm-up).
     c.finetune.warmup_frozen_steps = {"paper": 1000, "default": 50, "smoke": 1}[size]
