@@ -28,10 +28,10 @@ volume each step, so one 3D step costs ~5× an RPL step at the same batch. `smok
 Grid position (`cpc.grid_fraction`, ssl3d_jax/ops/patches.py): `default` and `smoke` use a grid
 of cells `floor(0.6 · size) // P` at a random origin per volume. With the original's grid at the
 origin (40³: 10³ cells, jitter 2) a linear classifier told a single patch's cell (of 64) with
-0.31 held-out accuracy on the phantom (chance 0.016), so InfoNCE's positive could be picked out
-of the same volume's patches by position alone; with the random grid 0.02
-(docs/results/shortcut_audit.md). `paper` keeps the original's geometry (4³ cells of 32³ over the
-whole 128³ volume, no jitter). Measured on one H100
+0.29 held-out accuracy on the phantom (chance 0.016), so InfoNCE's positive could be picked out
+of the same volume's patches by position alone; with the random grid 0.031, 2.0× chance (f = 0.5,
+4³ patches: 1.3×; docs/results/shortcut_audit.md). `paper` keeps the original's geometry (4³
+cells of 32³ over the whole 128³ volume, no jitter; not audited at that size). Measured on one H100
 (jax 0.11.2): the `paper` 3D step (8 × 128³ → 512 patches of 32³) takes 0.056 s, 12.4 GiB peak.
 """
 

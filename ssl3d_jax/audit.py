@@ -426,23 +426,31 @@ def load_inputs(config, *, slices_per_case: int = 8) -> tuple[np.ndarray, np.nda
 
 
 def _variants(task: str, config, size: str, dims: int, fractions: Sequence[float]) -> list:
-    """`(name, grid_fraction, jitter)` rows: the old fixed grid, the config, the fractions."""
+    """`(name, grid_fraction, jitter)` rows: the old fixed grid, the config, the fractions; a
+    fraction giving the same grid (cells, jitter) as an earlier row is left out."""
     section = config[task]
-    rows = []
-    before = BEFORE_JITTER.get((size, dims), {}).get(task)
-    if before is not None:
-        rows.append(("fixed grid (before)", 1.0, int(before)))
-    f0, j0 = float(section.get("grid_fraction", 1.0)), int(section.jitter)
-    if (f0, j0) != (1.0, before):
-        rows.append((f"configs/{task}.py", f0, j0))
+    p = int(section.patches_per_side)
     shape = (int(config.data.size),) * dims + (1,)
+
+    def geometry(f: float, j: int) -> tuple:  # the cells decide the room too
+        return grid_layout(shape, patches_per_side=p, grid_fraction=f)[0][0], j, f == 1.0
+
+    rows, seen = [], set()
+    before = BEFORE_JITTER.get((size, dims), {}).get(task)
+    candidates = []
+    if before is not None:
+        candidates.append(("fixed grid (before)", 1.0, int(before)))
+    candidates.append(
+        (f"configs/{task}.py", float(section.get("grid_fraction", 1.0)), int(section.jitter))
+    )
     for f in fractions:
-        cell, _ = grid_layout(
-            shape, patches_per_side=int(section.patches_per_side), grid_fraction=f
-        )
-        j = paper_jitter(cell[0])
-        if (float(f), j) not in [(r[1], r[2]) for r in rows] and cell[0] - j >= 1:
-            rows.append(("random grid", float(f), j))
+        cell = grid_layout(shape, patches_per_side=p, grid_fraction=float(f))[0][0]
+        candidates.append(("random grid", float(f), paper_jitter(cell)))
+    for name, f, j in candidates:
+        g = geometry(f, j)
+        if g not in seen and g[0] - j >= 1:
+            seen.add(g)
+            rows.append((name, f, j))
     return rows
 
 
@@ -514,6 +522,8 @@ def render_markdown(report: dict) -> str:
             f"features: {meta['features']}; {meta['seconds']:.0f} s in all.",
             "",
         ]
+        if not meta.get("complete", True):
+            lines += ["**Interrupted** (rows so far); rerun the command with `--resume`.", ""]
         quad = any("quadratic_accuracy" in r for r in run["rows"])
         head = "| task | background | grid | grid_fraction | jitter | cell | patch | accuracy "
         head += "| chance | x chance |" + (" quadratic accuracy | x chance |" if quad else "")
@@ -558,14 +568,53 @@ def run_report(
     slices_per_case: int,
     command: str,
     log=print,
+    done_rows: Sequence[dict] = (),
+    save=None,
 ) -> dict:
-    """One run of the command: every (task, background, grid variant) row; see `main`."""
+    """One run of the command: every (task, background, grid variant) row; see `main`.
+
+    `done_rows`: rows of an interrupted run with the same settings, reused instead of recomputed
+    (matched on task, background, grid_fraction and jitter). `save(run)`: called with the run so
+    far (`meta["complete"]` False) after every row, so that a killed run keeps what it measured.
+    """
     from ssl3d_jax.data import phantom
 
     t0 = time.time()
     rows = []
     inputs = {}
     described = ""
+
+    def meta(complete: bool) -> dict:
+        features = "raw voxels" if downsample <= 1 else f"voxels average-pooled by {downsample}"
+        return dict(
+            size=size,
+            dims=dims,
+            input=f"{int(task_config(tasks[0], size, dims).data.size)}^{dims} inputs",
+            command=command,
+            date=datetime.date.today().isoformat(),
+            machine=machine_description(),
+            commit=git_commit(),
+            data=described,
+            samples_per_volume=int(samples_per_volume),
+            features=features + (" (and their squares)" if squares else ""),
+            squares=bool(squares),
+            downsample=int(downsample),
+            seed=int(seed),
+            seconds=time.time() - t0 + sum(float(r.get("seconds", 0)) for r in done_rows),
+            complete=complete,
+        )
+
+    def done(task, background, f, j):
+        for r in done_rows:
+            if (r["task"], r["background"], r["grid_fraction"], r["jitter"]) == (
+                task,
+                background,
+                f,
+                j,
+            ):
+                return r
+        return None
+
     for background in backgrounds:
         for task in tasks:
             config = task_config(task, size, dims)
@@ -583,11 +632,16 @@ def run_report(
             described = (
                 f"{where}, {config.data.phantom.num_cases if not config.data.root else '?'} "
                 f"cases ({len(test_names)} held out: {', '.join(test_names)}), preprocessed as "
-                f"`configs/{task}.py:{size}` (resize_mode {config.data.resize_mode!r}, "
+                f"`configs/<task>.py:{size}` (resize_mode {config.data.resize_mode!r}, "
                 f"normalization {config.data.normalization!r}); inputs {train.shape[1:]}, "
                 f"{len(train)} train / {len(test)} test"
             )
             for name, f, j in _variants(task, config, size, dims, fractions):
+                previous = done(task, background, f, j)
+                if previous is not None:
+                    rows.append(previous)
+                    log(f"{task:7s} {background:5s} {name:20s} f={f:<5g} J={j}: done before")
+                    continue
                 trial = copy.deepcopy(config)
                 trial[task].grid_fraction = f
                 trial[task].jitter = j
@@ -620,22 +674,9 @@ def run_report(
                     + (f", quadratic {row['quadratic_ratio_to_chance']:.2f} x" if squares else "")
                     + f" ({row['seconds']} s)"
                 )
-    features = "raw voxels" if downsample <= 1 else f"voxels average-pooled by {downsample}"
-    meta = dict(
-        size=size,
-        dims=dims,
-        input=f"{int(task_config(tasks[0], size, dims).data.size)}^{dims} inputs",
-        command=command,
-        date=datetime.date.today().isoformat(),
-        machine=machine_description(),
-        commit=git_commit(),
-        data=described,
-        samples_per_volume=int(samples_per_volume),
-        features=features + (" (and their squares)" if squares else ""),
-        seed=int(seed),
-        seconds=time.time() - t0,
-    )
-    return {"meta": meta, "rows": rows}
+                if save is not None:
+                    save({"meta": meta(False), "rows": list(rows)})
+    return {"meta": meta(True), "rows": rows}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -669,6 +710,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", default="docs/results/shortcut_audit")
     parser.add_argument("--append", action="store_true", help="keep the runs already in <out>.json")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted last run of <out>.json (same settings): its rows are kept",
+    )
+    parser.add_argument(
         "--render_only", action="store_true", help="only rewrite <out>.md from <out>.json"
     )
     args = parser.parse_args(argv)
@@ -682,6 +728,38 @@ def main(argv: Sequence[str] | None = None) -> dict:
     command = "python -m ssl3d_jax.audit " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
+    report = {"runs": []}
+    if (args.append or args.resume) and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as fh:
+            report = json.load(fh)
+    done_rows = []
+    if args.resume:
+        runs = report["runs"]
+        if not runs or runs[-1]["meta"].get("complete", True):
+            raise SystemExit(f"--resume: {args.out}.json has no interrupted run to continue")
+        last = runs[-1]["meta"]
+        settings = dict(
+            size=args.size,
+            dims=args.dims,
+            samples_per_volume=args.samples_per_volume,
+            seed=args.seed,
+            squares=args.squares,
+            downsample=args.downsample,
+        )
+        differ = {k: (last.get(k), v) for k, v in settings.items() if last.get(k) != v}
+        if differ:
+            raise SystemExit(f"--resume: the interrupted run had other settings {differ}")
+        done_rows = runs.pop()["rows"]
+        command = last["command"]  # the run's own command, not the resuming one
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save(run: dict) -> None:
+        whole = dict(report, runs=[*report["runs"], run])
+        with open(args.out + ".json", "w") as fh:
+            json.dump(whole, fh, indent=1)
+        with open(args.out + ".md", "w") as fh:
+            fh.write(render_markdown(whole))
+
     run = run_report(
         size=args.size,
         dims=args.dims,
@@ -697,17 +775,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         slices_per_case=args.slices_per_case,
         command=command.strip(),
         log=lambda msg: print(msg, flush=True),
+        done_rows=done_rows,
+        save=save,
     )
-    report = {"runs": []}
-    if args.append and os.path.exists(args.out + ".json"):
-        with open(args.out + ".json") as fh:
-            report = json.load(fh)
+    save(run)
     report["runs"].append(run)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as fh:
-        json.dump(report, fh, indent=1)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(render_markdown(report))
     print(f"wrote {args.out}.md and {args.out}.json")
     return report
 

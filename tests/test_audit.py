@@ -5,6 +5,7 @@ fixed grid is flagged (docs/results/shortcut_audit.md has the default-size numbe
 from __future__ import annotations
 
 import copy
+import json
 import itertools
 
 import jax
@@ -94,3 +95,47 @@ def test_random_grid_near_chance_and_fixed_grid_flagged(smoke_inputs, task):
     assert now["chance"] == pytest.approx(1 / (26 if task == "rpl" else 27))
     assert now["ratio_to_chance"] <= 2.5, now
     assert before["ratio_to_chance"] >= 5.0, before
+
+
+def test_resume_continues_the_interrupted_run_only(tmp_path, monkeypatch):
+    """`--resume` hands the interrupted last run's rows to `run_report`, keeps that run's own
+    command and replaces it (not appends); it refuses a complete run or other settings. Every
+    partial save leaves a readable report."""
+    out = str(tmp_path / "audit")
+    row = dict(task="rpl", background="zero", grid_fraction=0.5, jitter=1, seconds=3)
+    settings = dict(
+        size="smoke", dims=3, samples_per_volume=100, seed=0, squares=False, downsample=1
+    )
+    calls = []
+
+    def fake_run_report(*, done_rows, save, command, **kw):
+        calls.append(list(done_rows))
+        partial = {"meta": dict(settings, command=command, complete=False), "rows": [row]}
+        save(partial)  # a save mid-run rewrites the same (last) run, still interrupted
+        with open(out + ".json") as fh:
+            assert json.load(fh)["runs"][-1]["meta"]["complete"] is False
+        rows = [*done_rows, dict(row, grid_fraction=0.4)]
+        return {"meta": dict(settings, command=command, complete=True), "rows": rows}
+
+    monkeypatch.setattr(audit, "run_report", fake_run_report)
+    monkeypatch.setattr(audit, "render_markdown", lambda report: "md\n")
+    first = {"meta": dict(settings, command="python -m ssl3d_jax.audit --first"), "rows": []}
+    interrupted = {
+        "meta": dict(settings, command="python -m ssl3d_jax.audit --size smoke", complete=False),
+        "rows": [row],
+    }
+    with open(out + ".json", "w") as fh:
+        json.dump({"runs": [first, interrupted]}, fh)
+
+    with pytest.raises(SystemExit, match="other settings"):
+        audit.main(["--size", "default", "--resume", "--out", out])
+    report = audit.main(["--size", "smoke", "--resume", "--out", out])
+    assert calls == [[row]]
+    with open(out + ".json") as fh:
+        saved = json.load(fh)
+    assert saved == report and len(saved["runs"]) == 2  # replaced, not appended
+    last = saved["runs"][-1]
+    assert last["meta"]["complete"] is True and len(last["rows"]) == 2
+    assert last["meta"]["command"] == "python -m ssl3d_jax.audit --size smoke"
+    with pytest.raises(SystemExit, match="no interrupted run"):
+        audit.main(["--size", "smoke", "--resume", "--out", out])

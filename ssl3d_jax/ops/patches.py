@@ -15,9 +15,9 @@ otherwise). The paper's text says the patches are "sampled at random locations",
 fixed the grid at the origin: with scans resized to the input cube
 (`config.data.resize_mode='resize'`) the anatomy touches every face, so the amount and place of
 background in one patch alone tells which cell it came from (a linear classifier on one RPL
-query patch: 0.92 held-out accuracy against chance 0.04 on the phantom, `ssl3d_jax/audit.py`,
+query patch: 0.93 held-out accuracy against chance 0.04 on the phantom, `ssl3d_jax/audit.py`,
 docs/results/shortcut_audit.md). A random origin over a room of more than a cell decouples a
-cell from a fixed place in the volume (0.05 for f = 0.5 at 40³).
+cell from a fixed place in the volume (0.055 for f = 0.5 at 40³).
 
 The rank of the input decides the dimensionality:
   * 3D: `volume [D, H, W, C]` -> `[P**3, pd, ph, pw, C]`; cell `(i, j, k)` has index

@@ -20,7 +20,7 @@ Deliberate deviations from the original code:
     volume's origin, so with the anatomy resized to touch every face each patch alone showed
     which cell it came from (how much background, and where), and the puzzle could be solved
     patch by patch without relating patches to each other (docs/results/shortcut_audit.md). The
-    `paper` size keeps the original geometry.
+    `paper` size keeps the original geometry, where the audit finds the same shortcut.
   * Permutation set: computed by `permutation_set` (greedy max-min Hamming selection from a seeded
     pool of random candidates, see there) instead of shipped files. The original 3D set was 100
     independent random permutations of 27 (min pairwise Hamming distance 19), with no max-Hamming

@@ -21,8 +21,9 @@ Deliberate deviations from the original code:
     only that share of each edge, at a random origin per volume, with the patches "sampled at
     random locations" as the paper's text says. The original's code always put the grid at the
     volume's origin; with the anatomy resized to touch every face of the input cube the query
-    patch ALONE then tells its class (0.94 held-out accuracy of a linear classifier on one patch,
-    chance 0.04, docs/results/shortcut_audit.md). The `paper` size keeps the original geometry.
+    patch ALONE then tells its class (0.93 held-out accuracy of a linear classifier on one patch,
+    chance 0.04, docs/results/shortcut_audit.md). The `paper` size keeps the original geometry,
+    where the audit finds the same shortcut (configs/rpl.py).
   * Pairs are built on device inside the jitted train step from a `jax.random` key
     (`make_batch`), not by a NumPy generator on the host; one query per volume, as the original.
   * `training` controls the sub-crop jitter: random offsets when True, centre offsets when False.
