@@ -33,6 +33,11 @@ solved patch by patch; with the random half-size grid 0.055, 1.5× chance
 (docs/results/shortcut_audit.md). `paper` keeps the original's geometry (42³ cells over the whole
 128³ volume, jitter 3), although the shortcut is there too: 0.99 accuracy on the phantom at 128³
 (2.0× chance with `--config.jigsaw.grid_fraction=0.5 --config.jigsaw.jitter=2`: 19³ patches).
+
+Status: with the grid at a random origin this task does NOT learn at 3D `default` or `smoke` size:
+its pretext loss stays at chance (3000 steps at lr 3e-4; docs/results/pretext_lr_search.md, "RPL
+and Jigsaw: what was tried"), and every run says so (`pretrain_summary.json`, a WARNING). Its
+encoder is then a randomly initialised one; compare it with the `random_warmup` arm.
 """
 
 from __future__ import annotations

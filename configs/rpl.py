@@ -23,6 +23,12 @@ cells, jitter 3), although the same shortcut is there: on the phantom preprocess
 query patch alone gives its class with 1.00 accuracy (2.0× chance with
 `--config.rpl.grid_fraction=0.5 --config.rpl.jitter=2`: 19³ patches). Real BraTS scans are
 cropped to the brain and resized the same way, so expect it there too.
+
+Status: with the grid at a random origin this task does NOT learn at 3D `default` or `smoke` size:
+its pretext loss stays at chance (up to 11 000 steps, 12³ patches at 80³ inputs;
+docs/results/pretext_lr_search.md, "RPL and Jigsaw: what was tried"), and every run says so
+(`pretrain_summary.json`, a WARNING). Its encoder is then a randomly initialised one; compare it
+with the `random_warmup` arm.
 """
 
 from __future__ import annotations
