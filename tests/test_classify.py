@@ -22,7 +22,7 @@ from ssl3d_jax.train import classify, pretrain
 from ssl3d_jax.train import step as step_lib
 
 SIZE = 16
-NUM_CASES = 12
+NUM_CASES = 14
 STEPS, WARMUP = 4, 2
 
 
@@ -68,7 +68,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def splits(dataset):
     names = [c.name for c in dataset.cases]
-    return {"labeled": names[:8], "test": names[8:]}
+    return {"labeled": names[:8], "val": names[8:10], "test": names[10:]}
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +270,15 @@ def test_results_are_consistent_and_json_able(pretrained_run, splits):
     per_case = result["per_case"]
     assert sorted(per_case) == sorted(splits["test"]) and result["num_test"] == len(per_case)
     assert result["num_labeled"] == len(splits["labeled"])
+    # Validation cases are scored apart from the test cases, the same way.
+    val = result["val_per_case"]
+    assert sorted(val) == sorted(splits["val"]) and result["num_val"] == len(val)
+    assert not set(val) & set(per_case)
+    val_true = [p["target"] for p in val.values()]
+    val_pred = [p["pred"] for p in val.values()]
+    assert result["val_metrics"]["accuracy"] == pytest.approx(
+        np.mean(np.asarray(val_true) == np.asarray(val_pred))
+    )
     y_true = [p["target"] for p in per_case.values()]
     y_pred = [p["pred"] for p in per_case.values()]
     for p in per_case.values():

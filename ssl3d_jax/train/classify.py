@@ -152,21 +152,23 @@ def confusion_matrix(y_true, y_pred, *, num_classes: int) -> np.ndarray:
 def run(
     config, workdir: str, arm: str, splits: dict, dataset, *, init_from: str | None, mesh=None
 ) -> dict:
-    """Finetune one arm on `splits['labeled']`, evaluate on `splits['test']`.
+    """Finetune one arm on `splits['labeled']`, evaluate on `splits['val']` (when given) and
+    `splits['test']`.
 
     Args:
       config: the run's config (`config.finetune`, `config.model`, `config.data.size`, ...).
       workdir: checkpoints go to `<workdir>/finetune/<arm>/checkpoints` (resumed when present),
         metrics to `<workdir>/metrics.jsonl`.
       arm: one of `ARMS`.
-      splits: {'labeled': [case names], 'test': [case names]} of `dataset`.
+      splits: {'labeled': [case names], 'test': [case names]} of `dataset`, optionally 'val'.
       dataset: a classification `datasets.Dataset` (images layout).
       init_from: pretraining checkpoints folder ('pretrained' and 'probe').
 
     Returns:
       JSON-able results: {'metrics': {'accuracy', 'qwk'}, 'per_case': {name: {'target', 'pred',
       'probs'}}, 'confusion' (rows true, columns predicted), 'class_names', 'arm',
-      'num_labeled', 'num_test', 'steps', 'warmup_frozen_steps', 'trainable',
+      'num_labeled', 'num_test', 'val_metrics' / 'val_per_case' (None without 'val' cases) and
+      'num_val', 'steps', 'warmup_frozen_steps', 'trainable',
       'restored_from', 'restored_tensors'}.
     """
     if arm not in ARMS:
@@ -187,11 +189,12 @@ def run(
     accum = step_lib.grad_accum_steps(config, "finetune", mesh)  # checked before any work
     labeled = _select(dataset, splits["labeled"], "labeled")
     test = _select(dataset, splits["test"], "test")
-    unlabelled = [c.name for c in labeled + test if c.target is None]
+    val = _select(dataset, splits.get("val") or [], "val")
+    unlabelled = [c.name for c in labeled + val + test if c.target is None]
     if unlabelled:
         raise DataError(
             f"cases {unlabelled[:5]} of {dataset.root} have no grade in the labels CSV, but are "
-            "in the labeled / test split"
+            "in the labeled / val / test split"
         )
     restores = arm in finetune.RESTORED_ARMS
     if restores:  # fail before any compilation
@@ -260,17 +263,36 @@ def run(
         tensorboard=bool(config.get("tensorboard", False)),
     )
 
+    def score(per_case: dict) -> dict:
+        y_true = [p["target"] for p in per_case.values()]
+        y_pred = [p["pred"] for p in per_case.values()]
+        return {
+            "accuracy": metrics.accuracy(y_true, y_pred),
+            "qwk": metrics.quadratic_weighted_kappa(y_true, y_pred, num_classes=num_classes),
+        }
+
+    # Validation cases first: every choice (learning rate, steps, arm settings) is made on them.
+    val_per_case = val_scores = None
+    if val:
+        val_per_case = evaluate(config, graphdef, state.params, dataset, val, phase=phase)
+        val_scores = score(val_per_case)
+        log.info(
+            "[%s] val (%d cases): accuracy %.3f  QWK %.3f",
+            phase,
+            len(val_per_case),
+            val_scores["accuracy"],
+            val_scores["qwk"],
+        )
     per_case = evaluate(config, graphdef, state.params, dataset, test, phase=phase)
     y_true = [p["target"] for p in per_case.values()]
     y_pred = [p["pred"] for p in per_case.values()]
-    scores = {
-        "accuracy": metrics.accuracy(y_true, y_pred),
-        "qwk": metrics.quadratic_weighted_kappa(y_true, y_pred, num_classes=num_classes),
-    }
+    scores = score(per_case)
     lr = finetune.learning_rate(config, arm)
     tb = finetune.open_tensorboard(config, workdir, phase, learning_rate=lr)
     if tb is not None:  # opened after training (see finetune.run)
         tb.scalars(dict(scores, phase=f"{phase}/test", step=cfg.num_steps))
+        if val_scores is not None:
+            tb.scalars(dict(val_scores, phase=f"{phase}/val", step=cfg.num_steps))
         tb.close()
     log.info(
         "[%s] test (%d cases): accuracy %.3f  QWK %.3f",
@@ -287,6 +309,9 @@ def run(
         "class_names": list(dataset.class_names),
         "num_labeled": len(labeled),
         "num_test": len(per_case),
+        "val_metrics": val_scores,
+        "val_per_case": val_per_case,
+        "num_val": len(val),
         "steps": cfg.num_steps,
         "warmup_frozen_steps": warmup,
         "trainable": "head" if schedule == "probe" else "all",
