@@ -380,6 +380,49 @@ def test_build_cache_and_read(tmp_path, records, files):
     assert not _tmp_files(tmp_path / "cache")
 
 
+def test_cached_reads_parse_npy_headers_one_thread_at_a_time(tmp_path, records, files, monkeypatch):
+    """grain reads records on several threads; numpy's header parse (ast.literal_eval) is not
+    thread-safe in CPython 3.11 (python/cpython#106905: a sweep died of it), so the cache opens
+    its arrays under a lock. The wrapped np.load sleeps inside: without the lock threads overlap.
+    """
+    import threading
+    import time
+
+    t = preprocess.Preprocess(size=8, mode="none", keep_geometry=True)
+    key = cache.cache_key({}, t.settings(), files)
+    names = [f"case{i}" for i in range(N_CASES)]
+    folder = cache.build_cache(
+        ListSource(records), t, tmp_path, key=key, names=names, progress=False
+    )
+    src = cache.CachedArraysSource(folder, names)
+    inside, most, guard, real_load = [0], [0], threading.Lock(), np.load
+
+    def slow_load(*args, **kwargs):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.02)
+        try:
+            return real_load(*args, **kwargs)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(np, "load", slow_load)
+    out = {}
+    threads = [
+        threading.Thread(target=lambda i=i: out.__setitem__(i, src[i % N_CASES])) for i in range(6)
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert most[0] == 1
+    for i, rec in out.items():
+        expected = t.map(records[i % N_CASES])["image"]
+        np.testing.assert_array_equal(rec["image"], expected)
+
+
 def test_build_cache_resumes_after_crash(tmp_path, records, files):
     t = preprocess.Preprocess(size=8, mode="crop_pad", keep_geometry=True)
     key = cache.cache_key({}, t.settings(), files)

@@ -18,6 +18,7 @@ import logging
 import os
 import pathlib
 import re
+import threading
 import time
 from typing import Any, Sequence
 
@@ -185,6 +186,14 @@ def build_cache(
     return str(folder)
 
 
+# numpy parses a .npy header with `ast.literal_eval`, and CPython 3.11's AST constructor keeps its
+# recursion depth in shared state: two header parses on different threads (grain reads records on
+# several) can raise "SystemError: AST constructor recursion depth mismatch" (python/cpython
+# #106905; it stopped a sweep here). The lock covers the header read and the memory map only, not
+# the copy of the data.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 class CachedArraysSource(grain.sources.RandomAccessDataSource):
     """grain source over a cache written by `build_cache`.
 
@@ -239,7 +248,9 @@ class CachedArraysSource(grain.sources.RandomAccessDataSource):
 
     def _load(self, path: pathlib.Path) -> np.ndarray:
         try:
-            return np.array(np.load(path, mmap_mode="r"))
+            with _NPY_HEADER_LOCK:
+                mapped = np.load(path, mmap_mode="r")
+            return np.array(mapped)
         except (OSError, ValueError) as e:
             raise DataError(
                 f"{path}: cannot read cached array ({e}); delete the cache folder "
