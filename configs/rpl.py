@@ -49,12 +49,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Voxels cut off each cell (random offset in [0, jitter]): the original's 3 of 42 (7 %) at
     # paper size; 1 voxel of the 6³ / 4³ cells (the smallest non-zero jitter) otherwise.
     config.rpl.jitter = 3 if size == "paper" else 1
+    # (reference, query) pairs per volume and step: the original's 1 at paper size; every
+    # non-centre cell (26 in 3D, 8 in 2D) otherwise, which is what makes RPL learn with the grid at
+    # a random origin (docs/results/pretext_lr_search.md, "RPL: all queries per volume").
+    config.rpl.queries_per_volume = 1 if size == "paper" else 3**config.data.spatial_dims - 1
     # The original's `big_fully` head is 2048 → 1024; smaller at CPU scale.
     config.rpl.head_hidden = {"paper": (2048, 1024), "default": (256,), "smoke": (16,)}[size]
     config.rpl.head_dropout = 0.0
     # 3D: volumes per step (the original's rpl_3d.json: 32); 2D: slices (rpl_2d: 32 to 128).
     if config.data.spatial_dims == 3:
         config.pretrain.batch_size = {"paper": 32, "default": 8, "smoke": 8}[size]
+        if size != "paper":
+            # Chosen on the validation split (docs/results/pretext_lr_search.md, "RPL: all queries
+            # per volume"): 1e-4 / 3e-4 / 1e-3 → val loss 0.81 / 0.71 / 0.89 × chance at 1000 steps.
+            config.pretrain.learning_rate = 3e-4
     else:
         config.pretrain.batch_size = {"paper": 64, "default": 32, "smoke": 8}[size]
         # default 64² slices: 10² cells and 9² patches at a random origin (paper 128²: 42² cells,

@@ -187,6 +187,8 @@ def _config(dims):
     config.model.filters = (4, 8)
     config.model.bottom_filters = 8
     config.jigsaw.head_hidden = (32,)
+    # The original's one puzzle per volume (several: test_many_puzzles_equal_shuffled_copies).
+    config.jigsaw.puzzles_per_volume = 1
     return config
 
 
@@ -317,3 +319,66 @@ def test_configs():
             shape, patches_per_side=j.patches_per_side, jitter=j.jitter, grid_fraction=0.5
         )[0]
         assert edge >= (3 if c.size == "smoke" else 5), (arg, edge)
+
+
+@pytest.mark.parametrize("dims", DIMS)
+def test_sample_puzzles_labels_name_distinct_permutations(dims):
+    """M puzzles of a volume: its patches in grid order (those of sample_puzzle for the key), M
+    distinct labels; M = 1 draws sample_puzzle's label; M > K is refused naming the key."""
+    n = P**dims
+    perms = jigsaw.permutation_set(K, n)
+    vol = jnp.asarray(cell_constant(SIDE, P, dims))
+    kw = dict(patches_per_side=P, jitter=J, permutations=perms, training=True)
+    for seed in range(3):
+        key = jax.random.key(seed)
+        patches, labels = jigsaw.sample_puzzles(vol, key, **kw, num_puzzles=40)
+        cells = np.asarray(patches).reshape(n, -1)
+        np.testing.assert_array_equal(cells.min(1), np.arange(n))  # grid order
+        np.testing.assert_array_equal(cells.max(1), np.arange(n))
+        labels = np.asarray(labels)
+        assert labels.shape == (40,) and len(set(labels.tolist())) == 40
+        assert labels.min() >= 0 and labels.max() < K
+        one, label = jigsaw.sample_puzzles(vol, key, **kw, num_puzzles=1)
+        shuffled, expected = jigsaw.sample_puzzle(vol, key, **kw)
+        assert int(label[0]) == int(expected)
+        np.testing.assert_array_equal(np.asarray(one)[perms[int(expected)]], np.asarray(shuffled))
+    with pytest.raises(ConfigError, match="puzzles_per_volume"):
+        jigsaw.sample_puzzles(vol, key, **kw, num_puzzles=K + 1)
+
+
+@pytest.mark.parametrize("dims", DIMS)
+def test_many_puzzles_equal_shuffled_copies(dims):
+    """puzzle_logits on patches encoded once equals the model on each shuffled copy, and the loss
+    with M puzzles per volume is the mean cross-entropy over the B * M puzzles."""
+    _, graphdef, params, _, _ = _setup(dims)
+    model = nnx.merge(graphdef, params)
+    # A non-zero output layer, so that the logits (and the loss) depend on the slot order.
+    model.head.out.kernel.value = jax.random.normal(
+        jax.random.key(3), model.head.out.kernel.value.shape
+    )
+    n = P**dims
+    perms = jigsaw.permutation_set(K, n)
+    patches = jax.random.normal(jax.random.key(4), (2, n, *([5] * dims), 1))
+    labels = np.array([[3, 17, 99], [0, 3, 42]])
+    logits = np.asarray(model.puzzle_logits(patches, jnp.asarray(perms[labels])))
+    assert logits.shape == (2, 3, K)
+    for b in range(2):
+        for i in range(3):
+            shuffled = patches[b][perms[labels[b, i]]][None]
+            np.testing.assert_allclose(
+                np.asarray(model(shuffled))[0], logits[b, i], rtol=1e-4, atol=1e-5
+            )
+    volumes = _volumes(dims, 12, b=2)
+    kw = dict(patches_per_side=P, jitter=3, permutations=perms, training=False)
+    loss, metrics = jigsaw.loss_fn(model, volumes, jax.random.key(5), **kw, puzzles_per_volume=6)
+    grid, labels = jigsaw.make_batch(volumes, jax.random.key(5), **kw, num_puzzles=6)
+    assert np.asarray(labels).shape == (2, 6)
+    per_puzzle = []
+    for b in range(2):
+        for i in range(6):
+            shuffled = grid[b][perms[int(labels[b, i])]][None]
+            per_puzzle.append(
+                optax.softmax_cross_entropy_with_integer_labels(model(shuffled), labels[b, i][None])
+            )
+    np.testing.assert_allclose(float(loss), float(jnp.mean(jnp.stack(per_puzzle))), rtol=1e-4)
+    assert 0.0 <= float(metrics["accuracy"]) <= 1.0

@@ -205,3 +205,73 @@ def test_make_task_grid_fraction():
     config.rpl.grid_fraction = 1.5
     with pytest.raises(ConfigError, match=r"config\.rpl\.grid_fraction"):
         rpl.make_task(config, in_channels=1)
+
+
+@pytest.mark.parametrize("n", [3, 2])
+@pytest.mark.parametrize("q", [1, 5, "all"])
+def test_sample_queries_labels_mean_query_cells(n, q):
+    """Each volume's reference is the centre cell, its Q queries distinct non-centre cells whose
+    labels name them (on volumes whose cells hold their own index); Q = all gives every class."""
+    classes = rpl.num_classes(P, n)
+    q = classes if q == "all" else q
+    vol = jnp.asarray(cell_constant_volume(SIDE, P, n))
+    vols = jnp.broadcast_to(vol, (6, *vol.shape))
+    patches, labels = jax.jit(
+        functools.partial(
+            rpl.make_batch, patches_per_side=P, jitter=J, training=True, num_queries=q
+        )
+    )(vols, jax.random.key(2))
+    patches, labels = np.asarray(patches), np.asarray(labels)
+    assert patches.shape == (6, 1 + q, *(3,) * n, 1) and labels.shape == (6, q)
+    centre = classes // 2
+    np.testing.assert_array_equal(patches[:, 0], centre)
+    cells = np.where(labels < centre, labels, labels + 1)
+    for b in range(6):
+        assert len(set(labels[b].tolist())) == q  # distinct queries
+        for i in range(q):
+            np.testing.assert_array_equal(patches[b, 1 + i], cells[b, i])
+    if q == classes:
+        assert all(sorted(row) == list(range(classes)) for row in labels.tolist())
+    if q == 1:  # the single query is sample_pair's, from the same key
+        pairs, pair_labels = _batch_fn(True)(vols, jax.random.key(2))
+        np.testing.assert_array_equal(np.asarray(pairs), patches)
+        np.testing.assert_array_equal(np.asarray(pair_labels), labels[:, 0])
+    with pytest.raises(ConfigError, match="queries_per_volume"):
+        rpl.sample_queries(
+            vol,
+            jax.random.key(0),
+            patches_per_side=P,
+            jitter=J,
+            training=True,
+            num_queries=classes + 1,
+        )
+
+
+@pytest.mark.parametrize("n", [3, 2])
+def test_query_logits_equal_one_pair_at_a_time(n):
+    """Q queries against one reference give the logits of the Q pairs classified one by one, and
+    the loss with Q queries is the mean cross-entropy over all B * Q pairs."""
+    model, params, _ = _model_and_step(n)
+    patches = jax.random.normal(jax.random.key(5), (2, 4, *(5,) * n, 1))
+    logits = np.asarray(model.query_logits(patches))
+    assert logits.shape == (2, 3, rpl.num_classes(3, n))
+    for i in range(3):
+        pair = jnp.stack([patches[:, 0], patches[:, 1 + i]], axis=1)
+        np.testing.assert_allclose(np.asarray(model(pair)), logits[:, i], rtol=1e-5, atol=1e-5)
+
+    volumes = jax.random.normal(jax.random.key(6), (2, *(15,) * n, 1))
+    kw = dict(patches_per_side=3, jitter=1, training=False, queries_per_volume=3)
+    # A model whose output layer is not zero, so that the cross-entropy depends on the labels.
+    trained = nnx.clone(model)
+    trained.head.out.kernel.value = jax.random.normal(
+        jax.random.key(7), trained.head.out.kernel.value.shape
+    )
+    loss, metrics = rpl.loss_fn(trained, volumes, jax.random.key(8), **kw)
+    patches, labels = rpl.make_batch(
+        volumes, jax.random.key(8), patches_per_side=3, jitter=1, training=False, num_queries=3
+    )
+    logits = trained.query_logits(patches).reshape(6, -1)
+    expected = optax.softmax_cross_entropy_with_integer_labels(logits, labels.reshape(6))
+    np.testing.assert_allclose(float(loss), float(expected.mean()), rtol=1e-5)
+    acc = np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(labels).reshape(6))
+    np.testing.assert_allclose(float(metrics["accuracy"]), acc)

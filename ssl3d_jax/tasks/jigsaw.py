@@ -29,6 +29,14 @@ Deliberate deviations from the original code:
     just a couple of swapped patches.
   * Puzzles are built on device inside the jitted train step from a `jax.random` key
     (`make_batch`), not by a NumPy generator on the host.
+  * Puzzles per volume (`config.jigsaw.puzzles_per_volume`, M): the original shuffled each volume
+    once per step. With M > 1 a volume's patches are cut and encoded once and M distinct
+    permutations of the set are applied to the encoded patches, each a puzzle of its own for the
+    head. This equals encoding M shuffled copies (the encoder sees one patch at a time), at the
+    cost of one. With the grid at a random origin one puzzle per volume never left chance
+    (3000 steps x 4 volumes at 40³); 64 per volume learned within a few hundred steps: 4 labels
+    a step for a 100-way problem is too noisy a gradient (docs/results/pretext_lr_search.md,
+    "Jigsaw: many puzzles per volume").
   * `training` selects the crop: random jitter offsets when True, centre offsets when False (the
     original's validation mode, the only pretext task where it had one). The pretraining loss
     (`make_task`) always uses training=True.
@@ -63,6 +71,7 @@ from ssl3d_jax.ops.patches import check_grid_fraction, extract_grid
 from ssl3d_jax.tasks import Task, classification_chance, encoder_config, pretext_loss
 
 __all__ = [
+    "sample_puzzles",
     "permutation_set",
     "num_classes",
     "sample_puzzle",
@@ -208,6 +217,63 @@ def sample_puzzle(
     return patches[perms[label]], label
 
 
+def check_puzzles(puzzles_per_volume: int, num_permutations: int) -> int:
+    """`puzzles_per_volume` as an int in `[1, K]`, or a `ConfigError` naming the key."""
+    m, k = int(puzzles_per_volume), int(num_permutations)
+    if not 1 <= m <= k:
+        raise ConfigError(
+            f"config.jigsaw.puzzles_per_volume={puzzles_per_volume!r}: expected 1 to "
+            f"num_permutations={k} (distinct permutations of one volume's patches)."
+        )
+    return m
+
+
+def sample_puzzles(
+    volume: jax.Array,
+    key: jax.Array,
+    *,
+    patches_per_side: int,
+    jitter: int,
+    permutations: np.ndarray | jax.Array,
+    training: bool,
+    grid_fraction: float = 1.0,
+    num_puzzles: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """One volume's patches in grid order and the labels of `num_puzzles` distinct puzzles.
+
+    Puzzle i is `patches[permutations[labels[i]]]`; `JigsawModel.puzzle_logits` applies the
+    permutations to the encoded patches. The patches are those of `sample_puzzle` for the same key
+    (same offsets); for one puzzle its label is `sample_puzzle`'s too.
+
+    Args:
+      volume, key, patches_per_side, jitter, permutations, training, grid_fraction: as
+        `sample_puzzle`.
+      num_puzzles: M in `[1, K]`, static; distinct labels in random order.
+
+    Returns:
+      `patches [N, *patch, C]` in row-major grid order (dtype of volume), `labels [M]` int32 in
+      `[0, K)`.
+    """
+    _check_grid(patches_per_side)
+    n = patches_per_side ** (volume.ndim - 1)
+    perms = _as_permutations(permutations, n)
+    m = check_puzzles(num_puzzles, perms.shape[0])
+    key_grid, key_label = jax.random.split(key)
+    patches = extract_grid(
+        volume,
+        key_grid,
+        patches_per_side=patches_per_side,
+        jitter=jitter,
+        training=training,
+        grid_fraction=grid_fraction,
+    )
+    if m == 1:  # sample_puzzle's draw
+        labels = jax.random.randint(key_label, (), 0, perms.shape[0], dtype=jnp.int32)[None]
+    else:
+        labels = jax.random.permutation(key_label, perms.shape[0])[:m].astype(jnp.int32)
+    return patches, labels
+
+
 def make_batch(
     volumes: jax.Array,
     key: jax.Array,
@@ -217,26 +283,32 @@ def make_batch(
     permutations: np.ndarray | jax.Array,
     training: bool,
     grid_fraction: float = 1.0,
+    num_puzzles: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """`sample_puzzle` for every volume of a batch, each with its own key.
+    """`sample_puzzle` (or `sample_puzzles`) for every volume of a batch, each with its own key.
 
     Args:
       volumes: `[B, D, H, W, C]` (3D) or `[B, H, W, C]` (2D).
       key: a `jax.random` key, split into B keys.
       patches_per_side, jitter, permutations, training, grid_fraction: as `sample_puzzle`.
+      num_puzzles: None: one shuffled puzzle per volume (`sample_puzzle`); M: `sample_puzzles`.
 
     Returns:
-      `shuffled [B, N, *patch, C]` (dtype of volumes), `labels [B]` int32 in `[0, K)`.
+      None: `shuffled [B, N, *patch, C]` (dtype of volumes), `labels [B]` int32 in `[0, K)`.
+      M: `patches [B, N, *patch, C]` in grid order, `labels [B, M]` int32 in `[0, K)`.
     """
     keys = jax.random.split(key, volumes.shape[0])
-    sample = functools.partial(
-        sample_puzzle,
+    kw = dict(
         patches_per_side=patches_per_side,
         jitter=jitter,
         permutations=permutations,
         training=training,
         grid_fraction=grid_fraction,
     )
+    if num_puzzles is None:
+        sample = functools.partial(sample_puzzle, **kw)
+    else:
+        sample = functools.partial(sample_puzzles, **kw, num_puzzles=num_puzzles)
     return jax.vmap(sample)(volumes, keys)
 
 
@@ -255,7 +327,10 @@ class JigsawModel(nnx.Module):
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
-      `patches [B, N, *patch, C]` float -> logits `[B, K]`.
+      `patches [B, N, *patch, C]` float (shuffled: slot order) -> logits `[B, K]` float32.
+      `puzzle_logits(patches [B, N, *patch, C] in grid order, slots [B, M, N] int)` -> logits
+      `[B, M, K]` float32: puzzle i of example b puts grid patch `slots[b, i, s]` in slot s;
+      `model(patches[b][slots[b, i]])` for each puzzle, with every patch encoded once.
     """
 
     def __init__(
@@ -294,12 +369,33 @@ class JigsawModel(nnx.Module):
                 f"JigsawModel expects [B, {self.num_patches}, *patch ({self.spatial_dims}-D), C] "
                 f"patches, got shape {patches.shape}."
             )
+        return self.puzzle_logits(
+            patches, jnp.broadcast_to(jnp.arange(n), (b, 1, n)), train=train, rngs=rngs
+        )[:, 0]
+
+    def puzzle_logits(
+        self,
+        patches: jax.Array,
+        slots: jax.Array,
+        *,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        b, n = patches.shape[:2]
+        if n != self.num_patches or patches.ndim != self.spatial_dims + 3:
+            raise ConfigError(
+                f"JigsawModel expects [B, {self.num_patches}, *patch ({self.spatial_dims}-D), C] "
+                f"patches, got shape {patches.shape}."
+            )
         # One encoder call on all B * N patches: the original's TimeDistributed shared encoder.
         x = patches.reshape(b * n, *patches.shape[2:])
         features, _ = self.encoder(x, train=train, rngs=rngs)
-        # [B * N, F] -> [B, N * F]: patch features concatenated in slot order.
-        features = global_max_pool(features).reshape(b, n * features.shape[-1])
-        return self.head(features, train=train, rngs=rngs)
+        features = global_max_pool(features).reshape(b, n, features.shape[-1])
+        # [B, M, N, F] -> [B * M, N * F]: each puzzle's patch features concatenated in slot order.
+        puzzles = jax.vmap(lambda f, s: f[s])(features, slots)
+        m = slots.shape[1]
+        logits = self.head(puzzles.reshape(b * m, -1), train=train, rngs=rngs)
+        return logits.reshape(b, m, -1)
 
 
 def loss_fn(
@@ -312,6 +408,7 @@ def loss_fn(
     permutations: np.ndarray | jax.Array,
     training: bool,
     grid_fraction: float = 1.0,
+    puzzles_per_volume: int = 1,
     dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Jigsaw loss on a batch: puzzles are built on device, then softmax cross-entropy.
@@ -323,15 +420,15 @@ def loss_fn(
       patches_per_side, jitter, permutations, grid_fraction: grid and permutation set (static).
       training: static; random crop jitter (and grid origin) and model train mode (dropout) if
         True.
+      puzzles_per_volume: static M; 1 is the original's one shuffled puzzle per volume, M > 1
+        distinct permutations of each volume's encoded patches (`sample_puzzles`).
       dropout_key: key for dropout; required if `training` and the model has dropout > 0.
 
     Returns:
-      `(loss, metrics)`: float32 scalar mean cross-entropy, and `{'loss', 'accuracy'}` float32
-      scalars.
+      `(loss, metrics)`: float32 scalar mean cross-entropy over the B * M puzzles, and
+      `{'loss', 'accuracy'}` float32 scalars.
     """
-    puzzles, labels = make_batch(
-        volumes,
-        key,
+    grid = dict(
         patches_per_side=patches_per_side,
         jitter=jitter,
         permutations=permutations,
@@ -339,7 +436,14 @@ def loss_fn(
         grid_fraction=grid_fraction,
     )
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
-    logits = model(puzzles, train=training, rngs=rngs).astype(jnp.float32)
+    if int(puzzles_per_volume) == 1:
+        puzzles, labels = make_batch(volumes, key, **grid)
+        logits = model(puzzles, train=training, rngs=rngs).astype(jnp.float32)
+    else:
+        patches, labels = make_batch(volumes, key, **grid, num_puzzles=int(puzzles_per_volume))
+        slots = _as_permutations(permutations, patches.shape[1])[labels]  # [B, M, N]
+        logits = model.puzzle_logits(patches, slots, train=training, rngs=rngs)
+        logits, labels = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32), labels.ravel()
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     accuracy = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32).mean()
     return loss, {"loss": loss, "accuracy": accuracy}
@@ -350,7 +454,8 @@ def make_task(config, *, in_channels: int):
 
     Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate), `config.data`
     (spatial_dims) and `config.jigsaw` (patches_per_side, jitter, grid_fraction (optional,
-    default 1), num_permutations, permutation_seed, head_hidden, head_dropout). The permutation
+    default 1), num_permutations, permutation_seed, puzzles_per_volume (optional, default 1),
+    head_hidden, head_dropout). The permutation
     set is computed here, once. The loss always uses random sub-crops and grid origins
     (`training=True`) and train mode; its dropout key is split off the step key.
     """
@@ -362,6 +467,7 @@ def make_task(config, *, in_channels: int):
     k = int(config.jigsaw.num_permutations)
     seed = int(config.jigsaw.permutation_seed)
     perms = permutation_set(k, n, seed)
+    m = check_puzzles(config.jigsaw.get("puzzles_per_volume", 1), k)
     encoder_kwargs = encoder_config(config)
     head_hidden = tuple(int(h) for h in config.jigsaw.head_hidden)
     head_dropout = float(config.jigsaw.head_dropout)
@@ -388,6 +494,7 @@ def make_task(config, *, in_channels: int):
         jitter=j,
         permutations=perms,
         grid_fraction=f,
+        puzzles_per_volume=m,
     )
 
     input_spec = {
@@ -398,6 +505,7 @@ def make_task(config, *, in_channels: int):
         "grid_fraction": f,
         "num_permutations": k,
         "permutation_seed": seed,
+        "puzzles_per_volume": m,
         # Identifies the exact set, should the selection algorithm ever change.
         "permutations_sha256": hashlib.sha256(perms.tobytes()).hexdigest(),
         "in_channels": in_channels,

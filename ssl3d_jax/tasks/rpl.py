@@ -25,7 +25,14 @@ Deliberate deviations from the original code:
     chance 0.04, docs/results/shortcut_audit.md). The `paper` size keeps the original geometry,
     where the audit finds the same shortcut (configs/rpl.py).
   * Pairs are built on device inside the jitted train step from a `jax.random` key
-    (`make_batch`), not by a NumPy generator on the host; one query per volume, as the original.
+    (`make_batch`), not by a NumPy generator on the host.
+  * Queries per volume (`config.rpl.queries_per_volume`, Q): the original drew one query per
+    volume and step. With Q > 1 each volume gives Q distinct queries against its one reference
+    (Q = P**n - 1: all of them), the reference encoded once, every pair classified on its own by
+    the same head; the loss is the mean over the B * Q pairs. With the grid at a random origin one
+    query per volume never left chance (11 250 steps x 8 volumes at 40³), all 26 did within a few
+    hundred steps: a batch of 8 pairs for a 26-way problem whose cue is faint is too noisy a
+    gradient (docs/results/pretext_lr_search.md, "RPL: all queries per volume").
   * `training` controls the sub-crop jitter: random offsets when True, centre offsets when False.
     The original always cropped randomly, validation included (it called the crop with
     `is_training=True`); pass `training=True` for validation to reproduce that.
@@ -62,7 +69,14 @@ from ssl3d_jax.ops.patches import (
 )
 from ssl3d_jax.tasks import Task, classification_chance, encoder_config, pretext_loss
 
-__all__ = ["num_classes", "sample_pair", "make_batch", "RPLModel", "loss_fn"]
+__all__ = [
+    "num_classes",
+    "sample_pair",
+    "sample_queries",
+    "make_batch",
+    "RPLModel",
+    "loss_fn",
+]
 
 
 def _check_grid(patches_per_side: int) -> None:
@@ -79,7 +93,18 @@ def num_classes(patches_per_side: int, spatial_dims: int = 3) -> int:
     return patches_per_side ** check_spatial_dims(spatial_dims) - 1
 
 
-def sample_pair(
+def check_queries(queries_per_volume: int, patches_per_side: int, spatial_dims: int) -> int:
+    """`queries_per_volume` as an int in `[1, P**n - 1]`, or a `ConfigError` naming the key."""
+    q, n = int(queries_per_volume), num_classes(patches_per_side, spatial_dims)
+    if not 1 <= q <= n:
+        raise ConfigError(
+            f"config.rpl.queries_per_volume={queries_per_volume!r}: expected 1 to {n} (the "
+            f"{n} non-centre cells of a {patches_per_side}-per-side {spatial_dims}D grid)."
+        )
+    return q
+
+
+def sample_queries(
     volume: jax.Array,
     key: jax.Array,
     *,
@@ -87,11 +112,12 @@ def sample_pair(
     jitter: int,
     training: bool,
     grid_fraction: float = 1.0,
+    num_queries: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
-    """One (reference, query) pair and its label from one volume.
+    """The reference patch and `num_queries` distinct query patches of one volume, with labels.
 
     The patch values are exactly those `extract_grid(volume, key_grid, ...)` would give for the
-    same key (same offsets), but only the two needed patches are sliced.
+    same key (same offsets), but only the needed patches are sliced.
 
     Args:
       volume: `[D, H, W, C]` (3D) or `[H, W, C]` (2D); the rank decides.
@@ -102,22 +128,56 @@ def sample_pair(
         otherwise.
       grid_fraction: static share of each edge the grid spans (`ops.patches.grid_starts`); 1 is
         the original's grid at the origin.
+      num_queries: Q, static, in `[1, P**n - 1]`; the queries are distinct cells, in random order
+        (Q = P**n - 1: every non-centre cell once).
 
     Returns:
-      `pair [2, pd, ph, pw, C]` (2D: `[2, ph, pw, C]`; dtype of volume) = [centre patch, query
-      patch], and `label` int32 scalar in `[0, P**n - 1)`, n = number of spatial dims.
+      `patches [1 + Q, pd, ph, pw, C]` (2D: `[1 + Q, ph, pw, C]`; dtype of volume) = [centre
+      patch, query patches...], and `labels [Q]` int32 in `[0, P**n - 1)`, n = number of spatial
+      dims; label c is grid cell c if c < centre, else c + 1.
     """
     _check_grid(patches_per_side)
-    n = patches_per_side ** spatial_dims_of(volume.shape)
+    dims = spatial_dims_of(volume.shape)
+    q = check_queries(num_queries, patches_per_side, dims)
+    n = patches_per_side**dims
     centre = n // 2
     key_grid, key_label = jax.random.split(key)
     grid = dict(patches_per_side=patches_per_side, jitter=jitter, grid_fraction=grid_fraction)
     shape = patch_shape(volume.shape, **grid)
     starts = grid_starts(volume.shape, key_grid, training=training, **grid)
-    label = jax.random.randint(key_label, (), 0, n - 1, dtype=jnp.int32)
-    query = label + (label >= centre).astype(jnp.int32)  # skip the centre cell
-    pair_starts = jnp.stack([starts[centre], starts[query]])
-    return slice_patches(volume, pair_starts, shape), label
+    if q == 1:  # the original's single draw (and the same random stream as before Q existed)
+        labels = jax.random.randint(key_label, (), 0, n - 1, dtype=jnp.int32)[None]
+    else:
+        labels = jax.random.permutation(key_label, n - 1)[:q].astype(jnp.int32)
+    cells = labels + (labels >= centre).astype(jnp.int32)  # skip the centre cell
+    patch_starts = jnp.concatenate([starts[centre][None], starts[cells]])
+    return slice_patches(volume, patch_starts, shape), labels
+
+
+def sample_pair(
+    volume: jax.Array,
+    key: jax.Array,
+    *,
+    patches_per_side: int,
+    jitter: int,
+    training: bool,
+    grid_fraction: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    """One (reference, query) pair and its label from one volume: `sample_queries` with Q = 1.
+
+    Returns:
+      `pair [2, pd, ph, pw, C]` (2D: `[2, ph, pw, C]`; dtype of volume) = [centre patch, query
+      patch], and `label` int32 scalar in `[0, P**n - 1)`, n = number of spatial dims.
+    """
+    pair, labels = sample_queries(
+        volume,
+        key,
+        patches_per_side=patches_per_side,
+        jitter=jitter,
+        training=training,
+        grid_fraction=grid_fraction,
+    )
+    return pair, labels[0]
 
 
 def make_batch(
@@ -128,26 +188,31 @@ def make_batch(
     jitter: int,
     training: bool,
     grid_fraction: float = 1.0,
+    num_queries: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """`sample_pair` for every volume of a batch, each with its own key.
+    """`sample_pair` (or `sample_queries`) for every volume of a batch, each with its own key.
 
     Args:
       volumes: `[B, D, H, W, C]` (3D) or `[B, H, W, C]` (2D).
       key: a `jax.random` key, split into B keys.
       patches_per_side, jitter, training, grid_fraction: as `sample_pair`.
+      num_queries: None: one pair per volume (`sample_pair`); Q: `sample_queries` with Q.
 
     Returns:
-      `pairs [B, 2, pd, ph, pw, C]` (2D: `[B, 2, ph, pw, C]`), `labels [B]` int32.
+      None: `pairs [B, 2, pd, ph, pw, C]` (2D: `[B, 2, ph, pw, C]`), `labels [B]` int32.
+      Q: `patches [B, 1 + Q, pd, ph, pw, C]` (reference first), `labels [B, Q]` int32.
     """
     keys = jax.random.split(key, volumes.shape[0])
-    sample = lambda v, k: sample_pair(  # noqa: E731
-        v,
-        k,
+    grid = dict(
         patches_per_side=patches_per_side,
         jitter=jitter,
         training=training,
         grid_fraction=grid_fraction,
     )
+    if num_queries is None:
+        sample = lambda v, k: sample_pair(v, k, **grid)  # noqa: E731
+    else:
+        sample = lambda v, k: sample_queries(v, k, **grid, num_queries=num_queries)  # noqa: E731
     return jax.vmap(sample)(volumes, keys)
 
 
@@ -167,7 +232,10 @@ class RPLModel(nnx.Module):
 
     Call:
       `pairs [B, 2, pd, ph, pw, C]` (2D: `[B, 2, ph, pw, C]`) -> logits
-      `[B, P**spatial_dims - 1]` float.
+      `[B, P**spatial_dims - 1]` float32.
+      `query_logits(patches [B, 1 + Q, *patch, C])` (reference first) -> logits
+      `[B, Q, P**spatial_dims - 1]` float32: each query against the reference, the reference
+      encoded once; `model(pairs)` equals `model.query_logits(pairs)[:, 0]`.
     """
 
     def __init__(
@@ -203,13 +271,27 @@ class RPLModel(nnx.Module):
                 f"RPLModel(spatial_dims={self.spatial_dims}) expects pairs [B, 2, *patch, C] of "
                 f"rank {self.spatial_dims + 3}, got shape {pairs.shape}."
             )
-        b = pairs.shape[0]
-        # One encoder call on all 2B patches: the shared (siamese) encoder of the original's
-        # TimeDistributed wrapper, as a single larger batch.
-        x = pairs.reshape(2 * b, *pairs.shape[2:])
+        return self.query_logits(pairs, train=train, rngs=rngs)[:, 0]
+
+    def query_logits(
+        self, patches: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        if patches.ndim != self.spatial_dims + 3 or patches.shape[1] < 2:
+            raise ConfigError(
+                f"RPLModel(spatial_dims={self.spatial_dims}) expects [B, 1 + Q, *patch, C] "
+                f"(reference, then Q >= 1 queries) of rank {self.spatial_dims + 3}, got shape "
+                f"{patches.shape}."
+            )
+        b, m = patches.shape[:2]
+        # One encoder call on all B * (1 + Q) patches: the shared (siamese) encoder of the
+        # original's TimeDistributed wrapper, as a single larger batch.
+        x = patches.reshape(b * m, *patches.shape[2:])
         features, _ = self.encoder(x, train=train, rngs=rngs)
-        features = global_max_pool(features).reshape(b, 2 * features.shape[-1])  # ref || query
-        return self.head(features, train=train, rngs=rngs)
+        features = global_max_pool(features).reshape(b, m, features.shape[-1])
+        reference = jnp.broadcast_to(features[:, :1], features[:, 1:].shape)
+        pairs = jnp.concatenate([reference, features[:, 1:]], axis=-1)  # ref || query
+        logits = self.head(pairs.reshape(b * (m - 1), -1), train=train, rngs=rngs)
+        return logits.reshape(b, m - 1, -1)
 
 
 def loss_fn(
@@ -221,6 +303,7 @@ def loss_fn(
     jitter: int,
     training: bool,
     grid_fraction: float = 1.0,
+    queries_per_volume: int = 1,
     dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """RPL loss on a batch of volumes: pairs are built on device, then softmax cross-entropy.
@@ -232,22 +315,25 @@ def loss_fn(
       patches_per_side, jitter, grid_fraction: static grid parameters (`sample_pair`).
       training: static; random crop jitter (and grid origin) and model train mode (dropout) if
         True.
+      queries_per_volume: static Q, distinct queries per volume against its reference
+        (`sample_queries`); 1 is the original's single pair.
       dropout_key: key for dropout; required if `training` and the model has dropout > 0.
 
     Returns:
-      `(loss, metrics)`: float32 scalar mean cross-entropy, and `{'loss', 'accuracy'}` float32
-      scalars.
+      `(loss, metrics)`: float32 scalar mean cross-entropy over the B * Q pairs, and
+      `{'loss', 'accuracy'}` float32 scalars.
     """
-    pairs, labels = make_batch(
+    patches, labels = make_batch(
         volumes,
         key,
         patches_per_side=patches_per_side,
         jitter=jitter,
         training=training,
         grid_fraction=grid_fraction,
+        num_queries=int(queries_per_volume),
     )
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
-    logits = model(pairs, train=training, rngs=rngs).astype(jnp.float32)
+    logits = model.query_logits(patches, train=training, rngs=rngs).astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     accuracy = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32).mean()
     return loss, {"loss": loss, "accuracy": accuracy}
@@ -258,7 +344,8 @@ def make_task(config, *, in_channels: int):
 
     Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate), `config.data`
     (spatial_dims: 3 for volumes, 2 for images) and `config.rpl` (patches_per_side, jitter,
-    grid_fraction (optional, default 1), head_hidden, head_dropout). The loss always uses random
+    grid_fraction (optional, default 1), queries_per_volume (optional, default 1), head_hidden,
+    head_dropout). The loss always uses random
     sub-crops and grid origins (`training=True`) and train mode; its dropout key is split off the
     step key.
     """
@@ -266,6 +353,7 @@ def make_task(config, *, in_channels: int):
     f = check_grid_fraction(config.rpl.get("grid_fraction", 1.0), "config.rpl.grid_fraction")
     _check_grid(p)
     spatial_dims = check_spatial_dims(config.data.spatial_dims)
+    q = check_queries(config.rpl.get("queries_per_volume", 1), p, spatial_dims)
     encoder_kwargs = encoder_config(config)
     head_hidden = tuple(int(h) for h in config.rpl.head_hidden)
     head_dropout = float(config.rpl.head_dropout)
@@ -290,6 +378,7 @@ def make_task(config, *, in_channels: int):
         patches_per_side=p,
         jitter=j,
         grid_fraction=f,
+        queries_per_volume=q,
     )
 
     input_spec = {
@@ -298,6 +387,7 @@ def make_task(config, *, in_channels: int):
         "patches_per_side": p,
         "jitter": j,
         "grid_fraction": f,
+        "queries_per_volume": q,
         "in_channels": in_channels,
     }
     return Task(
