@@ -137,6 +137,7 @@ def test_chance_follows_the_task_settings():
     from configs import exemplar as exemplar_config
     from configs import jigsaw as jigsaw_config
     from configs import rpl as rpl_config
+    from ssl3d_jax.errors import ConfigError
     from ssl3d_jax.tasks import cpc, jigsaw, rpl
 
     config = rpl_config.get_config("smoke")
@@ -144,6 +145,11 @@ def test_chance_follows_the_task_settings():
     assert rpl.make_task(config, in_channels=1).chance["loss"] == pytest.approx(LN(124))
     config = jigsaw_config.get_config("smoke")
     config.jigsaw.num_permutations = 24
+    with pytest.raises(
+        ConfigError, match="puzzles_per_volume=64: expected 1 to num_permutations=24"
+    ):
+        jigsaw.make_task(config, in_channels=1)  # the config's 64 puzzles per volume > 24
+    config.jigsaw.puzzles_per_volume = 24
     assert jigsaw.make_task(config, in_channels=1).chance["accuracy"] == pytest.approx(1 / 24)
     config = exemplar_config.get_config("smoke")
     config.exemplar.margin = 0.3

@@ -1,6 +1,7 @@
 """Can the RPL model learn relative position when it is written in the voxels?
 
-A diagnostic behind docs/results/pretext_lr_search.md ("RPL and Jigsaw: what was tried"). The
+A diagnostic behind docs/results/pretext_lr_search.md ("RPL and Jigsaw with one sample per
+volume"; it trains with the original's one query per volume unless `--queries` says more). The
 RPL model of `configs/rpl.py:default` (random grid origin, 5³ patches at 40³) is trained with
 Adam on batches of 8 volumes, either the phantom (`phantom`) or `ramp` volumes whose channels are
 the voxel coordinates (x, y, z, 0) scaled to [-1, 1]: there the query's class is a function of the
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--norm", choices=("group", "none"), default="group")
+    parser.add_argument("--queries", type=int, default=1, help="rpl.queries_per_volume")
     parser.add_argument("--set", action="append", default=[], help="section.key=value")
     args = parser.parse_args()
 
@@ -61,6 +63,7 @@ def main() -> None:
 
     config = audit.task_config("rpl", "default")
     config.model.num_groups = args.num_groups
+    config.rpl.queries_per_volume = args.queries
     for kv in args.set:
         key, value = kv.split("=")
         section, name = key.split(".")
