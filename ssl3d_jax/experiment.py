@@ -2,7 +2,7 @@
 
 `config.mode='experiment'` runs it for one pretext task: for every repetition pretrain once, then
 for every labelled fraction finetune each arm of `config.experiment.arms` ('pretrained',
-'scratch', 'probe' and the controls 'random_warmup', 'random_probe', see `finetune.SCHEDULES`) on
+'scratch', 'probe' and the controls 'random_warmup', 'random_probe', see `arms.SCHEDULES`) on
 exactly the same cases. `config.mode='sweep'` (configs/sweep.py) runs it for every task of
 `config.experiment.tasks` plus, once, the arms that do not depend on the task (`TASK_FREE_ARMS`),
 with one shared set of split files, and writes one report:
@@ -42,14 +42,15 @@ import ml_collections
 from ssl3d_jax import parallel, report
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.train import data as data_lib
-from ssl3d_jax.train import finetune, pretrain
+from ssl3d_jax.train import arms as arms_lib
+from ssl3d_jax.train import downstream, pretrain
 
 log = logging.getLogger(__name__)
 
-ARMS = finetune.ARMS
+ARMS = arms_lib.ARMS
 # Arms whose result does not depend on the pretext task (no restored encoder): a sweep runs
 # them once, in <workdir>/baselines.
-TASK_FREE_ARMS = tuple(a for a in ARMS if a not in finetune.RESTORED_ARMS)
+TASK_FREE_ARMS = tuple(a for a in ARMS if a not in arms_lib.RESTORED_ARMS)
 # Sections a sweep shares with every task's own config (the task keeps its pretraining section:
 # batch sizes and steps differ per task).
 SHARED_SECTIONS = ("data", "model", "finetune", "experiment")
@@ -113,7 +114,7 @@ def run_experiment(config, workdir: str, *, dataset=None, arms=None, mesh=None) 
         seed=config.seed,
     )
     fractions = sorted({f for f, _ in splits})
-    needs_encoder = any(a in finetune.RESTORED_ARMS for a in arms)
+    needs_encoder = any(a in arms_lib.RESTORED_ARMS for a in arms)
     fixed_encoder = config.finetune.init_from
     if needs_encoder and fixed_encoder and config.experiment.repetitions > 1:
         log.warning(
@@ -142,7 +143,7 @@ def run_experiment(config, workdir: str, *, dataset=None, arms=None, mesh=None) 
             split = data_lib.load_or_write_split(splits_dir, splits[fraction, rep])
             run_dir = os.path.join(workdir, "runs", f"{fraction * 100:g}pct_rep{rep}")
             for arm in arms:
-                restores = arm in finetune.RESTORED_ARMS
+                restores = arm in arms_lib.RESTORED_ARMS
                 seeds = {
                     "split": int(config.seed),  # test / val cases
                     "labeled_subset": [int(config.seed), rep],  # np.random.default_rng(...)
@@ -208,7 +209,7 @@ def _finetune_once(config, run_dir, arm, split, dataset, init_from, mesh, *, see
         log.info("%s: done before, %s", path, _fmt(result["metrics"]))
         return result
     t0 = time.time()
-    result = finetune.run(config, run_dir, arm, split, dataset, init_from=init_from, mesh=mesh)
+    result = downstream.run(config, run_dir, arm, split, dataset, init_from=init_from, mesh=mesh)
     result["wall_time_s"] = time.time() - t0
     result["arm"] = arm
     result["fraction"] = split["fraction"]

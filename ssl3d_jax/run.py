@@ -15,7 +15,7 @@ import time
 
 from ssl3d_jax import experiment, parallel, tasks
 from ssl3d_jax.errors import ConfigError
-from ssl3d_jax.train import common, finetune, pretrain
+from ssl3d_jax.train import common, downstream, pretrain
 from ssl3d_jax.train import data as data_lib
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def run(config, workdir: str) -> dict | list | None:
     if pretext is not None:
         results["pretext"] = pretext
     for arm in config.finetune.arms:
-        results["arms"][arm] = finetune.run(
+        results["arms"][arm] = downstream.run(
             config, workdir, arm, splits, dataset, init_from=init_from, mesh=mesh
         )
     results["wall_time_s"] = time.time() - t0

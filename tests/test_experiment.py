@@ -200,7 +200,7 @@ def fake_training(monkeypatch):
         }
 
     monkeypatch.setattr(experiment.pretrain, "run", pretrain_run)
-    monkeypatch.setattr(experiment.finetune, "run", finetune_run)
+    monkeypatch.setattr(experiment.downstream, "run", finetune_run)
     return calls
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ssl3d_jax.data import datasets
+from ssl3d_jax.data import sources, types
 from ssl3d_jax.errors import DataError
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -46,14 +46,14 @@ def labels_to_index(seg: np.ndarray, *, path: str | os.PathLike) -> np.ndarray:
     Raises:
       DataError naming `path` and listing the unexpected values.
     """
-    return datasets.labels_to_index(seg, LABELS, path=path, dataset="BraTS")
+    return types.labels_to_index(seg, LABELS, path=path, dataset="BraTS")
 
 
-# The shared case description (datasets.Case); BraTS cases set `images` (MODALITIES order) and
+# The shared case description (types.Case); BraTS cases set `images` (MODALITIES order) and
 # `label`.
-Case = datasets.Case
+Case = types.Case
 
-# Class index -> region membership, for datasets.Dataset.regions.
+# Class index -> region membership, for types.Dataset.regions.
 INDEX_REGIONS = (("WT", (1, 2, 3)), ("TC", (1, 3)), ("ET", (3,)))
 CLASS_NAMES = ("background", "necrotic / non-enhancing core", "oedema", "enhancing tumour")
 
@@ -86,7 +86,7 @@ def _find_seg(folder: pathlib.Path, name: str) -> pathlib.Path | None:
     hits = [
         q
         for q in folder.iterdir()
-        if datasets._nifti_name(q) is not None and "seg" in q.name.lower() and q.is_file()
+        if types.nifti_name(q) is not None and "seg" in q.name.lower() and q.is_file()
     ]
     return hits[0] if len(hits) == 1 else None
 
@@ -95,10 +95,10 @@ def _case_folders(root: pathlib.Path) -> list[pathlib.Path]:
     """Case folders under `root`: its sub-folders, or those of grouping folders (HGG/, LGG/ of
     BraTS 2018/2019), i.e. sub-folders holding no NIfTI file but case folders."""
     out = []
-    for d in datasets._visible_dirs(root):
-        has_nifti = any(datasets._nifti_name(p) is not None for p in d.iterdir())
-        sub = [] if has_nifti else datasets._visible_dirs(d)
-        if sub and any(datasets._looks_like_brats_case(g) for g in sub):
+    for d in types.visible_dirs(root):
+        has_nifti = any(types.nifti_name(p) is not None for p in d.iterdir())
+        sub = [] if has_nifti else types.visible_dirs(d)
+        if sub and any(types.looks_like_brats_case(g) for g in sub):
             out.extend(sub)
         else:
             out.append(d)
@@ -164,11 +164,11 @@ def find_cases(
 
 def make_dataset(
     root: str | os.PathLike, cases: Sequence[Case], channels: Sequence[str] = MODALITIES
-) -> datasets.Dataset:
-    """The BraTS `datasets.Dataset` of `cases` (images in `channels` order)."""
+) -> types.Dataset:
+    """The BraTS `types.Dataset` of `cases` (images in `channels` order)."""
     cases = tuple(sorted(cases, key=lambda c: c.name))
     labelled = bool(cases) and all(c.label is not None for c in cases)
-    return datasets.Dataset(
+    return types.Dataset(
         name="BraTS",
         layout="brats",
         root=pathlib.Path(root),
@@ -184,13 +184,13 @@ def make_dataset(
 
 
 def open_brats(root: str | os.PathLike, *, modalities: Sequence[str] | None = None):
-    """The brats layout as a `datasets.Dataset` (see `find_cases` for the accepted folders).
+    """The brats layout as a `types.Dataset` (see `find_cases` for the accepted folders).
 
     Cases without a seg file are allowed only when no case has one (a test set): the dataset is
     then "unlabelled"; otherwise every case needs its seg (a missing one is a DataError, since a
     partly labelled BraTS copy is more likely a broken download than intended).
     """
-    index = datasets.select_channels(MODALITIES, modalities, where=f"{root} (BraTS layout)")
+    index = types.select_channels(MODALITIES, modalities, where=f"{root} (BraTS layout)")
     channels = tuple(MODALITIES[i] for i in index)
     cases = find_cases(root, modalities=channels, require_label=False)
     missing = [c for c in cases if c.label is None]
@@ -199,8 +199,8 @@ def open_brats(root: str | os.PathLike, *, modalities: Sequence[str] | None = No
     return make_dataset(root, cases, channels)
 
 
-class BratsSource(datasets.VolumeSource):
-    """`datasets.VolumeSource` over BraTS `cases` (the pre-datasets API, kept for callers).
+class BratsSource(sources.VolumeSource):
+    """`sources.VolumeSource` over BraTS `cases` (the pre-datasets API, kept for callers).
 
     Record `i`:
       image: float32 [D, H, W, C], channels = modalities in `Case.images` order;
@@ -213,7 +213,7 @@ class BratsSource(datasets.VolumeSource):
         cases = list(cases)
         root = cases[0].images[0].parent.parent if cases else pathlib.Path(".")
         channels = _channel_names(cases)
-        dataset = datasets.Dataset(
+        dataset = types.Dataset(
             name="BraTS",
             layout="brats",
             root=root,
@@ -235,9 +235,9 @@ def _channel_names(cases: Sequence[Case]) -> tuple[str, ...]:
     c = cases[0]
     names = []
     for p in c.images:
-        stem = datasets._nifti_name(p) or p.name
+        stem = types.nifti_name(p) or p.name
         names.append(stem.rsplit("_", 1)[-1])
     return tuple(names)
 
 
-_check_same_grid = datasets.check_same_grid
+_check_same_grid = types.check_same_grid

@@ -24,7 +24,7 @@ import os
 import pathlib
 from typing import Sequence
 
-from ssl3d_jax.data import datasets
+from ssl3d_jax.data import types
 from ssl3d_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,13 @@ def _resolve(root: pathlib.Path, entry, path: pathlib.Path, what: str) -> pathli
 
 
 def _case_name(p: pathlib.Path) -> str:
-    return datasets._nifti_name(p) or p.stem
+    return types.nifti_name(p) or p.stem
 
 
 def open_decathlon(
     root: str | os.PathLike, *, modalities: Sequence[str] | None = None
-) -> datasets.Dataset:
-    """The decathlon layout as a `datasets.Dataset`.
+) -> types.Dataset:
+    """The decathlon layout as a `types.Dataset`.
 
     Reads dataset.json and the header of every image (to check its channel count); no volume
     data.
@@ -97,7 +97,7 @@ def open_decathlon(
             f"{path}: labels {dict(labels)}; expected label 0 (background) and non-negative values."
         )
     available = tuple(name for _, name in mods)
-    index = datasets.select_channels(available, modalities, where=f"{path}")
+    index = types.select_channels(available, modalities, where=f"{path}")
 
     training = doc.get("training") or []
     if not isinstance(training, list):
@@ -119,7 +119,7 @@ def open_decathlon(
                     f"{p}: {what} of training case {k} listed in {path} does not exist; "
                     "expected the complete task folder (imagesTr/, labelsTr/)."
                 )
-        cases.append(datasets.Case(name=_case_name(image), images=(image,), label=label))
+        cases.append(types.Case(name=_case_name(image), images=(image,), label=label))
     test = []
     for k, entry in enumerate(doc.get("test") or []):
         entry = entry.get("image") if isinstance(entry, dict) else entry
@@ -129,7 +129,7 @@ def open_decathlon(
         if not image.is_file():
             log.warning("%s: test image %s listed in %s not found; skipped.", root, image, path)
             continue
-        test.append(datasets.Case(name=_case_name(image), images=(image,)))
+        test.append(types.Case(name=_case_name(image), images=(image,)))
 
     labelled = [c for c in cases if c.label is not None]
     if labelled and len(labelled) < len(cases):
@@ -149,7 +149,7 @@ def open_decathlon(
     # channel is named before training starts rather than when a batch first draws it.
     for case in cases + test:
         (image,) = case.images
-        n = datasets._file_channels(image)
+        n = types.file_channels(image)
         if n != len(available):
             raise DataError(
                 f"{image}: {n} channel(s), but {path} lists {len(available)} modalities "
@@ -158,7 +158,7 @@ def open_decathlon(
 
     segmentation = bool(labelled)
     is_ct = any(name.strip().lower() == "ct" for name in available)
-    return datasets.Dataset(
+    return types.Dataset(
         name=str(doc.get("name") or root.name),
         layout="decathlon",
         root=root,

@@ -21,10 +21,10 @@ import os
 import pathlib
 from typing import Sequence
 
+import grain
 import numpy as np
 
-from ssl3d_jax.data import datasets
-from ssl3d_jax.data.datasets import ImageSource  # noqa: F401  (re-export)
+from ssl3d_jax.data import types
 from ssl3d_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _find_csv(root: pathlib.Path, labels_csv) -> pathlib.Path:
     if not csvs:
         raise DataError(
             f"{root}: no *.csv of labels found; expected the images layout: "
-            f"{datasets.LAYOUT_EXAMPLES['images']}."
+            f"{types.LAYOUT_EXAMPLES['images']}."
         )
     raise ConfigError(
         f"config.data.labels_csv=None, but {root} holds {len(csvs)} CSV files "
@@ -70,7 +70,7 @@ def _index_images(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
         rel = p.relative_to(root)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        if p.suffix.lower() not in datasets.IMAGE_SUFFIXES or not p.is_file():
+        if p.suffix.lower() not in types.IMAGE_SUFFIXES or not p.is_file():
             continue
         for key in {rel.as_posix(), p.name, p.stem, rel.with_suffix("").as_posix()}:
             keys.setdefault(key, []).append(p)
@@ -115,8 +115,8 @@ def open_images(
     *,
     modalities: Sequence[str] | None = None,
     labels_csv: str | os.PathLike | None = None,
-) -> datasets.Dataset:
-    """The images layout as a `datasets.Dataset` (reads the CSV and lists the files only).
+) -> types.Dataset:
+    """The images layout as a `types.Dataset` (reads the CSV and lists the files only).
 
     Raises:
       DataError naming the CSV (and line): no image / label column, empty CSV, a non-integer or
@@ -174,11 +174,11 @@ def open_images(
         return p.stem if unique_stems else p.relative_to(root).with_suffix("").as_posix()
 
     cases = sorted(
-        (datasets.Case(name=case_name(p), images=(p,), target=t) for p, (_, t) in labelled.items()),
+        (types.Case(name=case_name(p), images=(p,), target=t) for p, (_, t) in labelled.items()),
         key=lambda c: c.name,
     )
     unlabelled = tuple(
-        datasets.Case(name=case_name(p), images=(p,)) for p in all_files if p not in labelled
+        types.Case(name=case_name(p), images=(p,)) for p in all_files if p not in labelled
     )
     if unlabelled:
         log.info(
@@ -192,7 +192,7 @@ def open_images(
     if is_grade:
         k = max(k, MIN_GRADES)
     word = "grade" if is_grade else "class"
-    return datasets.Dataset(
+    return types.Dataset(
         name=root.name,
         layout="images",
         root=root,
@@ -246,3 +246,64 @@ def load_image(path: str | os.PathLike, *, size: int) -> np.ndarray:
             "PNG or JPEG file."
         ) from e
     return arr / np.float32(255.0)
+
+
+class ImageSource(grain.sources.RandomAccessDataSource):
+    """grain source reading one 2D image (images layout) per record.
+
+    Record `i` (of `cases`, default `dataset.cases`):
+      image: float32 [size, size, 3] in [0, 1], RGB: the centred largest square of the image,
+        resized to `size` (antialiased); grey or RGBA files are converted to RGB;
+      target: np.int32 scalar, class index (only when `with_label`);
+      case_index: np.int32 scalar, = i.
+
+    Raises (at construction): DataError when `with_label` and a case has no target.
+    Raises (reading): DataError naming the unreadable or truncated image file.
+    """
+
+    def __init__(
+        self,
+        dataset: types.Dataset,
+        cases: Sequence[types.Case] | None = None,
+        *,
+        size: int,
+        with_label: bool = True,
+    ):
+        if dataset.spatial_dims != 2:
+            raise DataError(
+                f"{dataset.root}: {dataset.layout} layout holds {dataset.spatial_dims}D volumes; "
+                "ImageSource reads 2D images (use VolumeSource)."
+            )
+        if int(size) < 1:
+            raise ConfigError(f"ImageSource size={size}: expected a positive number of pixels.")
+        self.dataset = dataset
+        self.cases = list(dataset.cases if cases is None else cases)
+        self.size = int(size)
+        self.with_label = with_label
+        if with_label:
+            for c in self.cases:
+                if c.target is None:
+                    raise DataError(
+                        f"{c.images[0]}: image {c.name} has no label row in the labels CSV, but "
+                        "labels were requested (with_label=True)."
+                    )
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageSource({self.dataset.name!r}, {len(self.cases)} images, size={self.size}, "
+            f"with_label={self.with_label})"
+        )
+
+    def __getitem__(self, i):
+        i = int(i)
+        case = self.cases[i]
+        record = {
+            "image": load_image(case.images[0], size=self.size),
+            "case_index": np.int32(i),
+        }
+        if self.with_label:
+            record["target"] = np.int32(case.target)
+        return record

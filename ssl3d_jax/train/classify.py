@@ -14,7 +14,7 @@ differ only in how the encoder starts and whether it trains:
     measures the features themselves rather than what an MLP can make of them);
   * controls 'random_warmup' / 'random_probe': exactly 'pretrained' / 'probe' (same model, head
     init, schedule, learning rate and data order) without the restore, so that the encoder
-    stays at its random initialisation (see `finetune.SCHEDULES`).
+    stays at its random initialisation (see `arms.SCHEDULES`).
 
 Loss: softmax cross-entropy over the K grades, prediction = argmax. The original used an ordinal
 multi-label sigmoid head (grade g -> the first g+1 of K outputs on, binary cross-entropy) decoded
@@ -54,12 +54,12 @@ from ssl3d_jax.errors import CheckpointError, ConfigError, DataError
 from ssl3d_jax.models.classifier import ClassificationModel
 from ssl3d_jax.progress import Progress
 from ssl3d_jax.tasks import encoder_config
-from ssl3d_jax.train import common, finetune
+from ssl3d_jax.train import arms, common
 from ssl3d_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
-ARMS = finetune.ARMS  # pretrained, scratch, probe and the controls random_warmup, random_probe
+ARMS = arms.ARMS  # pretrained, scratch, probe and the controls random_warmup, random_probe
 # Used where `config.classify` (or one of its keys) is absent.
 DEFAULTS = {"head_hidden": 64, "head_dropout": 0.0, "flip": True}
 # Test images predicted per jitted call (fixed, the last chunk is padded: one compilation).
@@ -79,7 +79,7 @@ def build_model(config, *, in_channels: int, num_classes: int, spatial_dims: int
     # The same encoder settings as every pretext model, so that params['encoder'] fits.
     enc = encoder_config(config)
     enc_dropout = enc.pop("dropout_rate")
-    linear = finetune.SCHEDULES[arm] == "probe"
+    linear = arms.SCHEDULES[arm] == "probe"
     hidden = None if linear else int(setting(config, "head_hidden"))
 
     def build(rngs):
@@ -196,14 +196,14 @@ def run(
             f"cases {unlabelled[:5]} of {dataset.root} have no grade in the labels CSV, but are "
             "in the labeled / val / test split"
         )
-    restores = arm in finetune.RESTORED_ARMS
+    restores = arm in arms.RESTORED_ARMS
     if restores:  # fail before any compilation
         if not init_from:
             raise CheckpointError(
                 f"finetune arm {arm!r} needs config.finetune.init_from "
                 "(a pretraining checkpoints folder)"
             )
-        finetune.check_compatible(init_from, config, dataset)
+        arms.check_compatible(init_from, config, dataset)
     num_classes = dataset.num_classes
     arm_dir = os.path.join(os.path.abspath(workdir), "finetune", arm)
     phase = f"finetune/{arm}"
@@ -223,8 +223,8 @@ def run(
         enc, restored = restore_encoder(init_from, jax.device_get(params["encoder"]))
         params = dict(params, encoder=parallel.replicate(enc, mesh))
 
-    schedule = finetune.SCHEDULES[arm]
-    tx = optax.adam(finetune.learning_rate(config, arm))
+    schedule = arms.SCHEDULES[arm]
+    tx = optax.adam(arms.learning_rate(config, arm))
     state = step_lib.create_train_state(tx, params, key_run, mesh)
     loss_fn = functools.partial(classification_loss, flip=bool(setting(config, "flip")))
     full_step = step_lib.jit_train_step(
@@ -287,8 +287,8 @@ def run(
     y_true = [p["target"] for p in per_case.values()]
     y_pred = [p["pred"] for p in per_case.values()]
     scores = score(per_case)
-    lr = finetune.learning_rate(config, arm)
-    tb = finetune.open_tensorboard(config, workdir, phase, learning_rate=lr)
+    lr = arms.learning_rate(config, arm)
+    tb = arms.open_tensorboard(config, workdir, phase, learning_rate=lr)
     if tb is not None:  # opened after training (see finetune.run)
         tb.scalars(dict(scores, phase=f"{phase}/test", step=cfg.num_steps))
         if val_scores is not None:

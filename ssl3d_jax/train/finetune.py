@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 
 from ssl3d_jax import inference, losses, metrics, parallel, tensorboard
-from ssl3d_jax.checkpoint import Checkpointer, restore_encoder
+from ssl3d_jax.checkpoint import restore_encoder
 from ssl3d_jax.data import datasets, export, slices
 from ssl3d_jax.errors import CheckpointError
 from ssl3d_jax.models.probes import VoxelLinearProbe
@@ -48,42 +48,21 @@ from ssl3d_jax.train import common
 from ssl3d_jax.train import data as data_lib
 from ssl3d_jax.train import step as step_lib
 
+# The arms, their schedules and what they share with classification finetuning live in
+# `train/arms.py` (imported by both runners, so neither imports the other); re-exported here.
+from ssl3d_jax.train.arms import (  # noqa: F401 (re-exported)
+    _PROBE_PARTS,
+    _WARMUP_PARTS,
+    ARMS,
+    RESTORED_ARMS,
+    SCHEDULES,
+    check_compatible,
+    learning_rate,
+    open_tensorboard,
+    trainable_parts,
+)
+
 log = logging.getLogger(__name__)
-
-# How each arm trains (see `trainable_parts`): 'warmup' = the decoder alone for
-# `config.finetune.warmup_frozen_steps`, then everything; 'full' = everything from step 0;
-# 'probe' = a linear read-out of the frozen encoder (VoxelLinearProbe). The controls train
-# exactly as the arm of the same schedule and differ from it only in skipping the restore.
-SCHEDULES = {
-    "pretrained": "warmup",
-    "scratch": "full",
-    "probe": "probe",
-    "random_warmup": "warmup",
-    "random_probe": "probe",
-}
-ARMS = tuple(SCHEDULES)
-# Arms whose encoder is restored from the pretraining checkpoint (all others keep the random
-# initialisation of the shared init key).
-RESTORED_ARMS = ("pretrained", "probe")
-# Top-level parts trained (None: all); the encoder of the probe arms never trains.
-_WARMUP_PARTS = ("decoder",)
-_PROBE_PARTS = ("head",)
-
-
-def trainable_parts(config, arm: str, step: int) -> tuple[str, ...] | None:
-    """The top-level parameter parts that train at (0-based) `step` of `arm`; None: all."""
-    schedule = SCHEDULES[arm]
-    if schedule == "probe":
-        return _PROBE_PARTS
-    if schedule == "warmup" and step < config.finetune.warmup_frozen_steps:
-        return _WARMUP_PARTS
-    return None
-
-
-def learning_rate(config, arm: str) -> float:
-    """`config.finetune.probe_learning_rate` for the probe arms, else `learning_rate`."""
-    cfg = config.finetune
-    return cfg.probe_learning_rate if SCHEDULES[arm] == "probe" else cfg.learning_rate
 
 
 def build_model(config, *, in_channels: int, num_classes: int, arm: str = "scratch"):
@@ -123,47 +102,6 @@ def segmentation_loss(model, batch, key, *, num_classes: int, dice_weight: float
     return dice_weight * dice + ce_weight * ce, {"dice_loss": dice, "ce": ce}
 
 
-def check_compatible(init_from: str, config, dataset) -> dict:
-    """Refuse an encoder pretrained on other inputs before touching its weights.
-
-    Reads the checkpoint's self-description (`meta.input`, written by every pretraining run) and
-    compares channel count, channel names and dimensionality with this run's data.
-
-    Returns:
-      the checkpoint's meta.
-    """
-    if not os.path.isdir(init_from):
-        raise CheckpointError(
-            f"pretraining checkpoint folder {init_from} does not exist (set "
-            "config.finetune.init_from, or run the pretraining first with config.mode)"
-        )
-    with Checkpointer(init_from, create=False) as ckpt:
-        meta = ckpt.read_meta()
-    spec = meta.get("input", {})
-    dims = spec.get("spatial_dims")
-    if dims is not None and dims != config.data.spatial_dims:
-        raise CheckpointError(
-            f"encoder in {init_from} was pretrained in {dims}D, but config.data.spatial_dims is "
-            f"{config.data.spatial_dims}"
-        )
-    have = spec.get("in_channels")
-    if have is not None and have != dataset.in_channels:
-        raise CheckpointError(
-            f"encoder in {init_from} was pretrained on {have} input channels "
-            f"({spec.get('modalities')}), but this data has {dataset.in_channels} "
-            f"({list(dataset.channels)}); select channels with config.data.modalities"
-        )
-    names = spec.get("modalities")
-    if names and [n.lower() for n in names] != [n.lower() for n in dataset.channels]:
-        log.warning(
-            "Encoder in %s was pretrained on channels %s; this data's channels are %s",
-            init_from,
-            names,
-            list(dataset.channels),
-        )
-    return meta
-
-
 def run(
     config, workdir: str, arm: str, splits: dict, dataset, *, init_from: str | None, mesh=None
 ) -> dict:
@@ -182,9 +120,10 @@ def run(
       `evaluate`), per-case scores, what was restored, the steps.
     """
     if dataset.kind == "classification":
-        from ssl3d_jax.train import classify
-
-        return classify.run(config, workdir, arm, splits, dataset, init_from=init_from, mesh=mesh)
+        raise CheckpointError(
+            f"{dataset.root}: classification data is finetuned by ssl3d_jax.train.classify.run "
+            "(ssl3d_jax.train.downstream.run picks the runner from the dataset)"
+        )
     if dataset.kind != "segmentation":
         raise CheckpointError(
             f"{dataset.root}: {dataset.layout} data has no labels to finetune on; use it for "
@@ -324,18 +263,6 @@ def run(
         "restored_tensors": len(restored["loaded"]) if restored else 0,
         "predictions": out_dir,
     }
-
-
-def open_tensorboard(config, workdir: str, phase: str, *, learning_rate: float):
-    """The phase's TensorBoard writer (None when `config.tensorboard` is off or on processes
-    other than 0), with the learning rate logged at step 0 (constant: no schedule)."""
-    if not config.get("tensorboard", False):
-        return None
-    tb = tensorboard.Writer(tensorboard.folder(workdir, phase))
-    if not tb.enabled:
-        return None
-    tb.scalars({"phase": phase, "step": 0, "learning_rate": float(learning_rate)})
-    return tb
 
 
 # Test cases shown as segmentation overlays in TensorBoard (the first ones, in split order).
