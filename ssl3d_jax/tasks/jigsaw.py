@@ -201,20 +201,17 @@ def sample_puzzle(
       `shuffled [N, *patch, C]` (dtype of volume) with `shuffled[s] = patches[perm[label][s]]`,
       patches in row-major grid order, and `label` int32 scalar in `[0, K)`.
     """
-    _check_grid(patches_per_side)
-    n = patches_per_side ** (volume.ndim - 1)
-    perms = _as_permutations(permutations, n)
-    key_grid, key_label = jax.random.split(key)
-    patches = extract_grid(
+    patches, labels = sample_puzzles(
         volume,
-        key_grid,
+        key,
         patches_per_side=patches_per_side,
         jitter=jitter,
+        permutations=permutations,
         training=training,
         grid_fraction=grid_fraction,
     )
-    label = jax.random.randint(key_label, (), 0, perms.shape[0], dtype=jnp.int32)
-    return patches[perms[label]], label
+    perms = _as_permutations(permutations, patches.shape[0])
+    return patches[perms[labels[0]]], labels[0]
 
 
 def check_puzzles(puzzles_per_volume: int, num_permutations: int) -> int:
