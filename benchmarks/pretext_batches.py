@@ -65,6 +65,8 @@ from benchmarks import numpy_reference as ref  # noqa: E402
 from benchmarks.common import cpu_name, write_results  # noqa: E402
 from ssl3d_jax.tasks import cpc, exemplar, jigsaw, rotation, rpl  # noqa: E402
 
+# The tasks with a NumPy reference of the original's sampling (benchmarks/numpy_reference.py);
+# a task added later has none, so this list is the benchmark's own, not the registry's.
 TASKS = ("rpl", "rotation", "jigsaw", "cpc", "exemplar")
 SIZES = ("paper", "default", "smoke")
 DEFAULT_OUT = os.path.join(_ROOT, "benchmarks", "results")

@@ -3,7 +3,7 @@
 Why: `config.model.compute_dtype='bfloat16'` and `config.model.remat=True` exist so that the
 paper's 128³ steps fit a device; this script says by how much each one shrinks the step's
 memory, without running anything. Each step is built as `ssl3d_jax/train/{pretrain,finetune}.py`
-build it (`tasks.encoder_config` reads both settings, `step.make_train_step`, Adam,
+build it (`EncoderConfig.from_config` reads both settings, `step.make_train_step`, Adam,
 `step.jit_train_step` with its compiler options), lowered on abstract inputs
 (`jax.ShapeDtypeStruct`), compiled ahead of time for the local backend and read through
 `compiled.memory_analysis()`:

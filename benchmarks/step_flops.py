@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import json
 import os
 import sys
@@ -51,7 +50,7 @@ from ssl3d_jax.train import finetune  # noqa: E402
 from ssl3d_jax.train import step as step_lib  # noqa: E402
 from ssl3d_jax.train.state import TrainState  # noqa: E402
 
-TASKS = ("rpl", "rotation", "jigsaw", "cpc", "exemplar")
+TASKS = tasks.names()  # every registered pretext task
 # (name, input channels, classes incl. background): BraTS t1/t1ce/t2/flair → bg/NCR/ED/ET;
 # MSD Task07_Pancreas CT → bg/pancreas/tumour.
 DATASETS = {"brats": (4, 4), "pancreas": (1, 3)}
@@ -60,7 +59,7 @@ MEASURED_H100_S = {"jigsaw": 0.044, "cpc": 0.056}
 
 
 def load_config(task: str, size: str):
-    return importlib.import_module(f"configs.{task}").get_config(size)
+    return tasks.task_config(task, size)
 
 
 def cost_of(fn, *args) -> dict:

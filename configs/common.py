@@ -234,17 +234,18 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     c.experiment.arms = ("pretrained", "scratch", "probe", "random_warmup", "random_probe")
     # Folder of the split files shared by every method of a comparison; None: <workdir>/splits.
     c.experiment.splits_dir = config_dict.placeholder(str)
-    # config.mode='sweep': the pretext tasks compared (each with its own configs/<task>.py).
-    c.experiment.tasks = ("rpl", "rotation", "jigsaw", "cpc", "exemplar")
+    # config.mode='sweep': the pretext tasks compared, each with its own config file; ('all',):
+    # every registered task (`ssl3d --list`: the five of the paper, and any in $SSL3D_JAX_TASKS).
+    c.experiment.tasks = ("all",)
 
     # --- pictures (config.mode='visualize', `ssl3d_jax.visualize`) -----------------------------
     c.visualize = ml_collections.ConfigDict()
-    # Pretext tasks drawn: () the config's own task; ('all',) all five (a task without its section
-    # in this config uses configs/<task>.py's defaults at this size and dimensionality).
+    # Pretext tasks drawn: () the config's own task; ('all',) every registered task (a task without
+    # its section in this config uses its config file's defaults at this size and dimensionality).
     c.visualize.tasks = ()
     # Case drawn (pretext inputs and segmentation); None: the first training / predicted case.
     c.visualize.case = config_dict.placeholder(str)
     c.visualize.channel = 0  # input channel shown (index into the dataset's channels)
     c.visualize.seed = 0  # key of the task samples drawn
-    c.visualize.dpi = 80  # PNG pixels = figure inches (ssl3d_jax.visualize.FIGSIZE) x dpi
+    c.visualize.dpi = 80  # PNG pixels = figure inches (ssl3d_jax.figures.FIGSIZE) x dpi
     return c

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import pathlib
 import sys
@@ -25,7 +24,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TASKS = ("rpl", "rotation", "jigsaw", "cpc", "exemplar")
+from ssl3d_jax import tasks  # noqa: E402
+
+TASKS = tasks.names()
 
 
 def _records(path: pathlib.Path, phase: str) -> list[dict]:
@@ -65,7 +66,7 @@ def search(
     rows = []
     for task in tasks:
         for lr in lrs:
-            config = importlib.import_module(f"configs.{task}").get_config(size)
+            config = tasks.task_config(task, size)
             with config.unlocked():
                 config.pretrain.learning_rate = float(lr)
                 config.seed = seed

@@ -14,8 +14,6 @@ This module only parses flags and dispatches to `ssl3d_jax.run.run(config, workd
 from __future__ import annotations
 
 import ast
-import importlib
-import importlib.util
 import logging
 import os
 import pathlib
@@ -25,7 +23,14 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-PROG = "ssl3d"
+from ssl3d_jax import config_files
+from ssl3d_jax.config_files import (  # noqa: F401 — the CLI's names for notebooks and tests
+    PROG,
+    configs_dir,
+    load_config,
+    resolve_config_path,
+    resolve_config_spec,
+)
 
 # What each `config.mode` does; a mode of `run.MODES` missing here is still listed by --help.
 MODE_HELP = {
@@ -77,61 +82,6 @@ persistent XLA compilation cache.
 """
 
 
-# --- config files -------------------------------------------------------------------------------
-
-
-def configs_dir() -> pathlib.Path | None:
-    """The folder of the importable `configs` package (the repository's configs/), or None."""
-    spec = importlib.util.find_spec("configs")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return pathlib.Path(next(iter(spec.submodule_search_locations)))
-
-
-def resolve_config_path(path: str) -> str:
-    """`path` when it exists; else `configs/<name>.py` (given as `configs/<name>.py`,
-    `<name>.py` or `<name>`) in `configs_dir()` when that exists; else `path` unchanged."""
-    if os.path.exists(path):
-        return path
-    folder = configs_dir()
-    parts = pathlib.PurePath(path).parts
-    if folder is None or not (len(parts) == 1 or (len(parts) == 2 and parts[0] == "configs")):
-        return path
-    name = parts[-1] if parts[-1].endswith(".py") else parts[-1] + ".py"
-    candidate = folder / name
-    return str(candidate) if candidate.is_file() else path
-
-
-def resolve_config_spec(spec: str) -> str:
-    """`FILE[:ARG]` with FILE resolved by `resolve_config_path`."""
-    path, colon, arg = spec.partition(":")
-    return resolve_config_path(path) + colon + arg
-
-
-def load_config(spec: str):
-    """The locked config of `FILE[:ARG]`, as `--config=FILE[:ARG]` gives it (for notebooks).
-
-    As ml_collections' config flag: `get_config(ARG)`, or `get_config()` without a colon.
-    Locked: assigning a key that does not exist raises instead of adding it.
-    """
-    path, colon, arg = resolve_config_spec(spec).partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(_missing_config(spec))
-    module_spec = importlib.util.spec_from_file_location("config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg) if colon else module.get_config()
-    config.lock()
-    return config
-
-
-def _missing_config(spec: str) -> str:
-    return (
-        f"--config={spec}: no file {spec.partition(':')[0]!r} in {os.getcwd()} nor in the "
-        f"configs folder {configs_dir()}; `{PROG} --list` lists the config files"
-    )
-
-
 # --- the listing ----------------------------------------------------------------------------------
 
 
@@ -150,15 +100,13 @@ def _module_info(path: pathlib.Path) -> tuple[str, set[str]]:
     }
 
 
-def _accepted_args(module) -> tuple[str, str]:
-    """(the ARGs that the config module's get_config accepts, its config.task)."""
-    from configs import common
-
-    sizes = [s for s in ("smoke", "default", "paper") if s in common.SIZES]
+def _accepted_args(path: pathlib.Path) -> tuple[str, str]:
+    """(the ARGs that the config file's get_config accepts, its config.task)."""
+    module = config_files.load_module(str(path))
     ok: dict[str, list[str]] = {"3d": [], "2d": []}
     task = ""
     for dims in ok:
-        for size in sizes:
+        for size in config_files.SIZE_ARGS:
             try:
                 config = module.get_config(f"{size},{dims}")
             except Exception:  # noqa: BLE001 — any failure means the ARG is not accepted
@@ -174,36 +122,40 @@ def _accepted_args(module) -> tuple[str, str]:
 
 
 def task_names() -> list[str]:
-    """The pretext tasks: modules `ssl3d_jax/tasks/<name>.py` that define `make_task`."""
-    return [name for name, _ in _tasks()]
+    """The registered pretext tasks (`ssl3d_jax.tasks.names()`)."""
+    from ssl3d_jax import tasks
 
-
-def _tasks() -> list[tuple[str, str]]:
-    spec = importlib.util.find_spec("ssl3d_jax.tasks")
-    folder = pathlib.Path(next(iter(spec.submodule_search_locations)))
-    found = []
-    for path in sorted(folder.glob("*.py")):
-        summary, functions = _module_info(path)
-        if path.stem != "__init__" and "make_task" in functions:
-            found.append((path.stem, summary))
-    return found
+    return list(tasks.names())
 
 
 def list_text() -> str:
-    """The text of `ssl3d --list`: config files with their ARGs, then the pretext tasks."""
-    folder = configs_dir()
+    """The text of `ssl3d --list`: config files with their ARGs, then the registered pretext
+    tasks with their config files."""
+    from ssl3d_jax import tasks
+
+    folder = config_files.configs_dir()
     lines = [f"Config files (--config=configs/NAME.py[:ARG]; in {folder}):"]
-    for path in sorted(folder.glob("*.py")) if folder else []:
+    paths = sorted(folder.glob("*.py")) if folder else []
+    # Config files of registered tasks outside the configs folder ($SSL3D_JAX_TASKS).
+    paths += [
+        pathlib.Path(f)
+        for f in (tasks.config_file(n) for n in tasks.names())
+        if os.path.isfile(f) and (folder is None or pathlib.Path(f).parent != folder)
+    ]
+    for path in paths:
         summary, functions = _module_info(path)
         if "get_config" not in functions:
             continue  # common.py, __init__.py
-        args, task = _accepted_args(importlib.import_module(f"configs.{path.stem}"))
-        lines.append(f"  {path.stem:<10} {summary}")
+        args, task = _accepted_args(path)
+        name = path.stem if folder is not None and path.parent == folder else str(path)
+        lines.append(f"  {name:<10} {summary}")
         lines.append(f"  {'':<10} ARG: {args}" + (f"   (config.task={task!r})" if task else ""))
     lines.append("")
-    lines.append("Pretext tasks (config.task; ssl3d_jax/tasks/NAME.py):")
-    for name, summary in _tasks():
-        lines.append(f"  {name:<10} {summary}")
+    lines.append(
+        f"Pretext tasks (config.task; ssl3d_jax/tasks/NAME.py, or files in ${tasks.ENV_VAR}):"
+    )
+    for name, definition in tasks.registry().items():
+        lines.append(f"  {name:<10} {definition.summary}")
     return "\n".join(lines)
 
 
@@ -337,7 +289,7 @@ def _resolve_argv(argv: list[str]) -> list[str]:
         prefix = m.group(1) if m else ""
         spec = resolve_config_spec(out[index][len(prefix) :])
         if not os.path.isfile(spec.partition(":")[0]):
-            _fail(_missing_config(out[index][len(prefix) :]), 2)
+            _fail(config_files.missing_config(out[index][len(prefix) :]), 2)
         out[index] = prefix + spec
     return out
 

@@ -31,7 +31,6 @@ skips those, so an interrupted sweep continues where it stopped.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ import time
 
 import ml_collections
 
-from ssl3d_jax import parallel, report
+from ssl3d_jax import parallel, report, tasks
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.train import data as data_lib
 from ssl3d_jax.train import arms as arms_lib
@@ -236,16 +235,10 @@ def _write_report(rows, workdir, *, title, notes="") -> dict:
 
 
 def task_config(task: str, config) -> ml_collections.ConfigDict:
-    """`configs/<task>.py` at the sweep's size and dimensionality, with the sweep's shared
-    sections (data, model, finetune, experiment) and seed."""
-    try:
-        module = importlib.import_module(f"configs.{task}")
-    except ImportError as e:
-        raise ConfigError(
-            f"config.experiment.tasks: no config configs/{task}.py for task {task!r} ({e})"
-        ) from None
-    arg = f"{config.size},{config.data.spatial_dims}d"
-    tc = module.get_config(arg)
+    """The config file of registered task `task` (`ssl3d_jax.tasks.config_file`) at this config's
+    size and dimensionality, with its shared sections (data, model, finetune, experiment) and
+    seed."""
+    tc = tasks.task_config(task, f"{config.size},{config.data.spatial_dims}d")
     with tc.unlocked():
         for section in SHARED_SECTIONS:
             tc[section] = ml_collections.ConfigDict(config[section].to_dict())
@@ -261,8 +254,8 @@ def run_sweep(config, workdir: str) -> list[dict]:
     """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    tasks = tuple(config.experiment.tasks)
-    if not tasks:
+    names = tasks.expand(config.experiment.tasks, key="config.experiment.tasks")
+    if not names:
         raise ConfigError("config.experiment.tasks is empty: name at least one pretext task")
     arms = tuple(config.experiment.arms)
     _check_arms(arms)
@@ -275,7 +268,7 @@ def run_sweep(config, workdir: str) -> list[dict]:
     rows = []
     task_arms = tuple(a for a in arms if a not in TASK_FREE_ARMS)
     free_arms = tuple(a for a in arms if a in TASK_FREE_ARMS)
-    for task in tasks:
+    for task in names:
         if not task_arms:
             break
         log.info("=== sweep: %s (%s) ===", task, ", ".join(task_arms))
@@ -287,7 +280,7 @@ def run_sweep(config, workdir: str) -> list[dict]:
         # The from-scratch baseline and the random-encoder controls do not depend on the pretext
         # task (nothing is restored): run them once.
         log.info("=== sweep: %s ===", ", ".join(free_arms))
-        tc = task_config(tasks[0], config)
+        tc = task_config(names[0], config)
         rows += run_experiment(
             tc, os.path.join(workdir, BASELINES_DIR), dataset=dataset, arms=free_arms, mesh=mesh
         )
@@ -295,13 +288,13 @@ def run_sweep(config, workdir: str) -> list[dict]:
         rows,
         workdir,
         title=f"Test metrics vs labelled fraction ({dataset.name}, {config.size} size)",
-        notes=_sweep_notes(config, dataset, tasks),
+        notes=_sweep_notes(config, dataset, names),
     )
     return rows
 
 
-def _sweep_notes(config, dataset, tasks) -> str:
-    return f"Tasks: {', '.join(tasks)}. " + _protocol_notes(config, dataset)
+def _sweep_notes(config, dataset, names) -> str:
+    return f"Tasks: {', '.join(names)}. " + _protocol_notes(config, dataset)
 
 
 def _protocol_notes(config, dataset) -> str:

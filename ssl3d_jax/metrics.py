@@ -17,7 +17,6 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from ssl3d_jax.data import brats
 
 REGIONS = ("WT", "TC", "ET")
 
@@ -47,21 +46,6 @@ def dice(pred, target) -> float:
     if denom == 0:
         return 1.0
     return 2.0 * int(np.logical_and(pred, target).sum()) / denom
-
-
-def brats_region_dice(pred_labels, true_labels) -> dict[str, float]:
-    """Dice of the BraTS regions WT (1, 2, 4), TC (1, 4) and ET (4), each on its own.
-
-    Args:
-      pred_labels: int array `[D, H, W]` of BraTS labels {0, 1, 2, 4}.
-      true_labels: int array `[D, H, W]` of BraTS labels {0, 1, 2, 4}.
-
-    Returns:
-      {'WT': float, 'TC': float, 'ET': float}.
-    """
-    p = brats.label_to_regions(np.asarray(pred_labels))
-    t = brats.label_to_regions(np.asarray(true_labels))
-    return {name: dice(p[..., i], t[..., i]) for i, name in enumerate(REGIONS)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import time
 
 from ssl3d_jax import experiment, parallel, tasks
 from ssl3d_jax.errors import ConfigError
+from ssl3d_jax.models.unet import EncoderConfig
 from ssl3d_jax.train import common, downstream, pretrain
 from ssl3d_jax.train import data as data_lib
 
@@ -49,7 +50,7 @@ def run(config, workdir: str) -> dict | list | None:
     if config.mode in TRAINING_MODES:
         # The model settings (e.g. conv_impl='onednn' where the extension is missing) fail here,
         # before any data is read or the workdir is touched.
-        tasks.encoder_config(config)
+        EncoderConfig.from_config(config.model)
     if config.mode == "sweep":
         return experiment.run_sweep(config, workdir)
     dataset = data_lib.open_dataset(config)

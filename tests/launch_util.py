@@ -10,8 +10,9 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_main(args, cache_dir, timeout=900) -> subprocess.CompletedProcess:
-    env = dict(os.environ, SSL3D_JAX_CACHE=str(cache_dir))
+def run_main(args, cache_dir, timeout=900, env=None) -> subprocess.CompletedProcess:
+    """`launch/main.py ARGS` in the repository root; `env`: extra environment variables."""
+    env = dict(os.environ, SSL3D_JAX_CACHE=str(cache_dir), **(env or {}))
     env.pop("XLA_FLAGS", None)  # one CPU device, as on a user's machine
     return subprocess.run(
         [sys.executable, str(ROOT / "launch" / "main.py"), *args],

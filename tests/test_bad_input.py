@@ -13,8 +13,6 @@ import gzip
 import json
 import re
 import shutil
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -289,7 +287,7 @@ def _fake_task_module(loss):
             name="fake", build_model=_TinyModel, loss=loss, input_spec={"task": "fake"}
         )
 
-    return types.SimpleNamespace(make_task=make_task)
+    return tasks.TaskDef(name="fake", make=make_task)
 
 
 def test_shape_failure_of_a_task_becomes_a_size_error(monkeypatch):
@@ -297,7 +295,7 @@ def test_shape_failure_of_a_task_becomes_a_size_error(monkeypatch):
         x = jax.lax.dynamic_slice(volumes, (0, 0, 0, 0, 0), (2, 6, 6, 6, volumes.shape[-1]))
         return jnp.mean(x), {}
 
-    monkeypatch.setitem(sys.modules, "ssl3d_jax.tasks.fake", _fake_task_module(loss))
+    monkeypatch.setitem(tasks._REGISTRY, "fake", _fake_task_module(loss))
     config = rpl_config.get_config("smoke")
     config.task = "fake"
     config.data.size = 4
@@ -314,7 +312,7 @@ def test_shape_failure_of_a_task_becomes_a_size_error(monkeypatch):
     def broken(model, volumes, key):  # fails at every size: not a size problem
         raise ConfigError("config.fake.margin=-1: expected >= 0")
 
-    monkeypatch.setitem(sys.modules, "ssl3d_jax.tasks.fake", _fake_task_module(broken))
+    monkeypatch.setitem(tasks._REGISTRY, "fake", _fake_task_module(broken))
     with pytest.raises(ConfigError, match=r"^config\.fake\.margin=-1: expected >= 0"):
         tasks.get_task(config, in_channels=1)
 

@@ -18,6 +18,7 @@ from ssl3d_jax import metrics, parallel
 from ssl3d_jax.checkpoint import Checkpointer
 from ssl3d_jax.errors import CheckpointError, ConfigError
 from ssl3d_jax.models.classifier import ClassificationModel
+from ssl3d_jax.models.unet import EncoderConfig
 from ssl3d_jax.train import classify, pretrain
 from ssl3d_jax.train import step as step_lib
 
@@ -119,7 +120,11 @@ def _init_params(config, arm):
 @pytest.mark.parametrize("hidden", [None, 8])
 def test_logits_shape_and_parts(hidden):
     model = ClassificationModel(
-        3, 5, hidden=hidden, filters=(4, 8), bottom_filters=8, num_groups=1, rngs=nnx.Rngs(0)
+        3,
+        5,
+        hidden=hidden,
+        encoder=EncoderConfig(filters=(4, 8), bottom_filters=8, num_groups=1),
+        rngs=nnx.Rngs(0),
     )
     x = jnp.ones((2, 18, 16, 3))  # non-square, odd-after-pooling sizes
     logits = model(x)

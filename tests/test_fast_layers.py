@@ -24,7 +24,7 @@ from jax import lax
 
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.layers import ConvBlock
-from ssl3d_jax.models.unet import Encoder3D, SegmentationModel
+from ssl3d_jax.models.unet import Encoder3D, EncoderConfig, SegmentationModel
 from ssl3d_jax.ops import onednn
 from ssl3d_jax.ops.conv import (
     auto_impl,
@@ -124,11 +124,9 @@ def _segmentation(conv_impl, spatial_dims, remat):
         2,
         3,
         spatial_dims=spatial_dims,
-        filters=(4, 8),
-        bottom_filters=8,
-        num_groups=2,
-        remat=remat,
-        conv_impl=conv_impl,
+        encoder=EncoderConfig(
+            filters=(4, 8), bottom_filters=8, num_groups=2, remat=remat, conv_impl=conv_impl
+        ),
         rngs=nnx.Rngs(0),
     )
 

@@ -15,6 +15,7 @@ from ssl3d_jax.models.layers import ConvBlock, UpConv2, group_count, max_pool2
 from ssl3d_jax.models.unet import (
     Encoder,
     Encoder3D,
+    EncoderConfig,
     SegmentationModel,
     UNetDecoder,
     flatten_features,
@@ -172,7 +173,7 @@ SHAPE_CASES = [(13, 13, 13), (16, 16, 16), (18, 18, 18), (20, 24, 18), (39, 39, 
 
 @pytest.fixture(scope="module")
 def seg_model():
-    return SegmentationModel(2, 3, **SMALL, dropout_rate=0.0, rngs=nnx.Rngs(0))
+    return SegmentationModel(2, 3, encoder=EncoderConfig(**SMALL), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("spatial", SHAPE_CASES)
@@ -193,7 +194,7 @@ SHAPE_CASES_2D = [(13, 13), (16, 16), (20, 24), (7, 33), (1, 5)]
 
 @pytest.fixture(scope="module")
 def seg_model_2d():
-    return SegmentationModel(2, 3, spatial_dims=2, **SMALL, dropout_rate=0.0, rngs=nnx.Rngs(0))
+    return SegmentationModel(2, 3, spatial_dims=2, encoder=EncoderConfig(**SMALL), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("spatial", SHAPE_CASES_2D)
@@ -242,7 +243,9 @@ def test_param_tree_keys(seg_model):
 
 
 def test_dropout_needs_rngs_and_is_random():
-    model = SegmentationModel(1, 2, **SMALL, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    model = SegmentationModel(
+        1, 2, encoder=EncoderConfig(**SMALL, dropout_rate=0.5), rngs=nnx.Rngs(0)
+    )
     x = jax.random.normal(jax.random.key(0), (1, 8, 8, 8, 1))
     with pytest.raises(ValueError):
         model(x, train=True)

@@ -31,13 +31,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from params_util import random_params
 from jax import lax
+from params_util import random_params
 
 from ssl3d_jax import parallel
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.layers import UpConv2
-from ssl3d_jax.models.unet import SegmentationModel
+from ssl3d_jax.models.unet import EncoderConfig, SegmentationModel
 from ssl3d_jax.ops import conv as conv_lib
 from ssl3d_jax.ops import onednn
 from ssl3d_jax.train import finetune
@@ -305,12 +305,10 @@ def test_segmentation_model_onednn_equals_xla(case):
             return SegmentationModel(
                 2,
                 3,
-                filters=(4, 8),
-                bottom_filters=8,
-                num_groups=2,
-                conv_impl=impl,
+                encoder=EncoderConfig(
+                    filters=(4, 8), bottom_filters=8, num_groups=2, conv_impl=impl, **spec
+                ),
                 rngs=rngs,
-                **spec,
             )
 
         graphdef, params = random_params(build)
@@ -362,11 +360,9 @@ def test_segmentation_step_accumulation_and_devices_with_onednn():
         return SegmentationModel(
             2,
             3,
-            filters=(4,),
-            bottom_filters=8,
-            num_groups=2,
-            remat=True,
-            conv_impl="onednn",
+            encoder=EncoderConfig(
+                filters=(4,), bottom_filters=8, num_groups=2, remat=True, conv_impl="onednn"
+            ),
             rngs=rngs,
         )
 

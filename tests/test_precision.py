@@ -22,7 +22,6 @@ compilation), and each test compiles one program (comparisons inside one jit whe
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import re
 
@@ -40,19 +39,19 @@ from ssl3d_jax.checkpoint import Checkpointer, restore_encoder
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.classifier import ClassificationModel
 from ssl3d_jax.models.probes import VoxelLinearProbe
-from ssl3d_jax.models.unet import SegmentationModel
+from ssl3d_jax.models.unet import EncoderConfig, SegmentationModel
 from ssl3d_jax.train import finetune
 from ssl3d_jax.train import step as step_lib
 from ssl3d_jax.train.state import TrainState
 
-TASKS = ("rpl", "rotation", "jigsaw", "cpc", "exemplar")
+TASKS = tasks.names()
 SEG = dict(filters=(4, 8), bottom_filters=8, num_groups=2)  # segmentation test model
 SEG_CLASSES = 3
 
 
 def _config(name: str, *, dtype: str = "float32", remat: bool = False, size: int = 16):
     """A smoke config shrunk for compile time: 16³ inputs, a 2-level encoder of width 4."""
-    config = importlib.import_module(f"configs.{name}").get_config("smoke")
+    config = tasks.task_config(name, "smoke")
     config.data.size = size
     config.model.filters = (4, 4)
     config.model.bottom_filters = 4
@@ -64,8 +63,7 @@ def _config(name: str, *, dtype: str = "float32", remat: bool = False, size: int
 def _task(config) -> tasks.Task:
     """`config.task`'s Task, from its module directly (`tasks.get_task` also traces the loss at
     several sizes to check `config.data.size`, which these tests do not need)."""
-    module = importlib.import_module(f"ssl3d_jax.tasks.{config.task}")
-    return module.make_task(config, in_channels=2)
+    return tasks.lookup(config.task).make(config, in_channels=2)
 
 
 def _capture() -> optax.GradientTransformation:
@@ -124,11 +122,11 @@ def test_config_errors_name_the_key():
     config = _config("rpl")
     config.model.compute_dtype = "float16"
     with pytest.raises(ConfigError, match=r"config\.model\.compute_dtype='float16'"):
-        tasks.encoder_config(config)
+        EncoderConfig.from_config(config.model)
     model = _config("rpl").model.to_dict()
     model["remat"] = "yes"  # a ConfigDict already refuses a str here; a plain mapping does not
     with pytest.raises(ConfigError, match=r"config\.model\.remat='yes'"):
-        tasks.encoder_config(ml_collections.ConfigDict({"model": model}))
+        EncoderConfig.from_config(ml_collections.ConfigDict(model))
     key = "config.pretrain.grad_accum_steps"
     with pytest.raises(ConfigError, match=rf"{re.escape(key)}=3 must divide the batch size \(8\)"):
         step_lib.check_accum_steps(3, 8, 1, key=key)
@@ -145,26 +143,23 @@ def test_config_errors_name_the_key():
         step_lib.grad_accum_steps(config, "finetune", parallel.make_mesh())  # 16 / 4 on 8 devices
     assert step_lib.grad_accum_steps(config, "finetune", parallel.make_mesh(jax.devices()[:1])) == 4
     # Exemplar needs two volumes per micro-batch (a volume's negative is another one).
-    module = importlib.import_module("ssl3d_jax.tasks.exemplar")
     config = _config("exemplar")
     config.pretrain.grad_accum_steps = config.pretrain.batch_size
     with pytest.raises(ConfigError, match=r"config\.pretrain\.grad_accum_steps=8.* = 1"):
-        module.make_task(config, in_channels=2)
+        tasks.get_task(config, in_channels=2)
 
 
 @pytest.mark.parametrize("name", TASKS)
 def test_accumulation_warns_only_for_contrastive_tasks(name, caplog):
-    config = _config(name)
+    config = _config(name, size=24)  # get_task checks the size: the grid tasks need 18³
     config.pretrain.grad_accum_steps = 2
-    module = importlib.import_module(f"ssl3d_jax.tasks.{name}")
-    warn = getattr(module, "_warn_accumulation", None)
-    if warn is not None:
-        warn.cache_clear()  # warned once per setting and process
+    tasks._warn_coupled.cache_clear()  # warned once per setting and process
     with caplog.at_level(logging.WARNING):
-        module.make_task(config, in_channels=2)
-        module.make_task(config, in_channels=2)  # a run builds its task twice: one warning
+        task = tasks.get_task(config, in_channels=2)
+        tasks.get_task(config, in_channels=2)  # a run builds its task twice: one warning
     warned = [r for r in caplog.records if "changes the task" in r.getMessage()]
-    assert len(warned) == (1 if name in ("cpc", "exemplar") else 0)
+    assert task.couples_batch == (name in ("cpc", "exemplar"))
+    assert len(warned) == (1 if task.couples_batch else 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,14 +212,11 @@ def test_pretext_models_compute_in_bf16_with_f32_params(name, dtype):
 def test_finetuning_models_compute_in_bf16_with_f32_params(model):
     config = _config("rpl", dtype="bfloat16", remat=True)
     config.model.conv_impl = "xla"  # as in test_pretext_models_compute_in_bf16_with_f32_params
-    enc = tasks.encoder_config(config)
+    enc = EncoderConfig.from_config(config.model)
     if model == "classifier":
-        enc_dropout = enc.pop("dropout_rate")
 
         def build(rngs):
-            return ClassificationModel(
-                3, 5, spatial_dims=2, hidden=8, encoder_dropout_rate=enc_dropout, rngs=rngs, **enc
-            )
+            return ClassificationModel(3, 5, spatial_dims=2, hidden=8, encoder=enc, rngs=rngs)
 
         batch = {
             "image": jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32),
@@ -297,7 +289,9 @@ def _seg_loss():
 
 
 def _seg_build(**kwargs):
-    return lambda rngs: SegmentationModel(2, SEG_CLASSES, rngs=rngs, **SEG, **kwargs)
+    return lambda rngs: SegmentationModel(
+        2, SEG_CLASSES, encoder=EncoderConfig(**SEG, **kwargs), rngs=rngs
+    )
 
 
 def _seg_batch(batch_size: int, size: int, seed: int = 0) -> dict:

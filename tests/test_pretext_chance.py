@@ -4,7 +4,6 @@ within 5 % of chance says so (a WARNING and `near_chance` in pretrain_summary.js
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ssl3d_jax import tasks
 from ssl3d_jax.checkpoint import Checkpointer
 from ssl3d_jax.data import phantom
 from ssl3d_jax.tasks import exemplar
@@ -112,24 +112,29 @@ def test_checkpoint_meta_holds_the_window_means(tmp_path):
 LN = math.log
 
 
-@pytest.mark.parametrize(
-    "name, preset, expected",
-    [
-        ("rpl", "smoke", {"loss": LN(26), "accuracy": 1 / 26}),  # 3³ - 1 classes
-        ("rpl", "smoke,2d", {"loss": LN(8), "accuracy": 1 / 8}),  # 3² - 1
-        ("rotation", "smoke", {"loss": LN(10), "accuracy": 0.1}),
-        ("rotation", "smoke,2d", {"loss": LN(4), "accuracy": 0.25}),
-        ("jigsaw", "smoke", {"loss": LN(100), "accuracy": 0.01}),
-        # InfoNCE: the 8 volumes x 4³ patch latents of the batch are the candidates.
-        ("cpc", "smoke", {"loss": LN(8 * 64), "accuracy": 1 / 512}),
-        ("cpc", "smoke,2d", {"loss": LN(8 * 16), "accuracy": 1 / 128}),
-        ("exemplar", "smoke", {"loss": 1.0, "triplet_accuracy": 0.5}),  # the margin
-    ],
-)
+# The chance level each task states (one parameter per task: README "Adding a task").
+CHANCE = [
+    ("rpl", "smoke", {"loss": LN(26), "accuracy": 1 / 26}),  # 3³ - 1 classes
+    ("rpl", "smoke,2d", {"loss": LN(8), "accuracy": 1 / 8}),  # 3² - 1
+    ("rotation", "smoke", {"loss": LN(10), "accuracy": 0.1}),
+    ("rotation", "smoke,2d", {"loss": LN(4), "accuracy": 0.25}),
+    ("jigsaw", "smoke", {"loss": LN(100), "accuracy": 0.01}),
+    # InfoNCE: the 8 volumes x 4³ patch latents of the batch are the candidates.
+    ("cpc", "smoke", {"loss": LN(8 * 64), "accuracy": 1 / 512}),
+    ("cpc", "smoke,2d", {"loss": LN(8 * 16), "accuracy": 1 / 128}),
+    ("exemplar", "smoke", {"loss": 1.0, "triplet_accuracy": 0.5}),  # the margin
+]
+
+
+@pytest.mark.parametrize("name, preset, expected", CHANCE)
 def test_each_task_states_its_chance_level(name, preset, expected):
-    config = importlib.import_module(f"configs.{name}").get_config(preset)
-    task = importlib.import_module(f"ssl3d_jax.tasks.{name}").make_task(config, in_channels=2)
+    config = tasks.task_config(name, preset)
+    task = tasks.lookup(name).make(config, in_channels=2)
     assert task.chance == pytest.approx(expected, rel=1e-12)
+
+
+def test_every_registered_task_states_its_chance_level():
+    assert {name for name, _, _ in CHANCE} == set(tasks.names())
 
 
 def test_chance_follows_the_task_settings():

@@ -12,7 +12,7 @@ from flax import nnx
 
 from ssl3d_jax import losses, parallel, probes
 from ssl3d_jax.models.probes import VoxelLinearProbe, head_parameter_count, upsample_repeat
-from ssl3d_jax.models.unet import Encoder3D, SegmentationModel
+from ssl3d_jax.models.unet import Encoder3D, EncoderConfig, SegmentationModel
 from ssl3d_jax.train import step as step_lib
 
 ENC = dict(filters=(4, 8), bottom_filters=8, num_groups=2, dropout_rate=0.0)
@@ -58,7 +58,11 @@ def test_upsample_repeat_is_nearest_aligned_with_pooling():
 def test_voxel_probe_shape_head_size_and_definition(dims):
     k = 3
     size = 13  # odd: ceil pooling, upsampled levels are cropped
-    model = _init(lambda rngs: VoxelLinearProbe(2, k, spatial_dims=dims, rngs=rngs, **ENC))
+    model = _init(
+        lambda rngs: VoxelLinearProbe(
+            2, k, spatial_dims=dims, encoder=EncoderConfig(**ENC), rngs=rngs
+        )
+    )
     x = jax.random.normal(jax.random.key(1), (2, *(size,) * dims, 2))
     logits, dense = model(x), model.dense_features(x)
     reference, features = model.head(dense), model.encoder(x)[0]
@@ -75,10 +79,14 @@ def test_voxel_probe_shape_head_size_and_definition(dims):
 
 def test_voxel_probe_encoder_fits_segmentation_checkpoints(dims):
     probe = nnx.eval_shape(
-        lambda: VoxelLinearProbe(2, 4, spatial_dims=dims, rngs=nnx.Rngs(0), **ENC)
+        lambda: VoxelLinearProbe(
+            2, 4, spatial_dims=dims, encoder=EncoderConfig(**ENC), rngs=nnx.Rngs(0)
+        )
     )
     seg = nnx.eval_shape(
-        lambda: SegmentationModel(2, 4, spatial_dims=dims, rngs=nnx.Rngs(0), **ENC)
+        lambda: SegmentationModel(
+            2, 4, spatial_dims=dims, encoder=EncoderConfig(**ENC), rngs=nnx.Rngs(0)
+        )
     )
     shapes = lambda m: jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(m.encoder, nnx.Param)))  # noqa: E731
     assert shapes(probe) == shapes(seg)
@@ -88,7 +96,9 @@ def test_head_only_training_leaves_encoder_unchanged():
     k = 3
     mesh = parallel.make_mesh(jax.devices()[:1])
 
-    model = _init(lambda rngs: VoxelLinearProbe(1, k, spatial_dims=3, rngs=rngs, **ENC))
+    model = _init(
+        lambda rngs: VoxelLinearProbe(1, k, spatial_dims=3, encoder=EncoderConfig(**ENC), rngs=rngs)
+    )
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     assert set(params) == {"encoder", "head"}

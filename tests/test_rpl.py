@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
+from ssl3d_jax.models.unet import EncoderConfig
 from ssl3d_jax.ops.patches import extract_grid
 from ssl3d_jax.tasks import rpl
 
@@ -113,7 +114,7 @@ def _model_and_step(n):
         1,
         patches_per_side=3,
         spatial_dims=n,
-        encoder_kwargs=ENC,
+        encoder=EncoderConfig(**ENC),
         head_hidden=(32,),
         rngs=nnx.Rngs(0),
     )

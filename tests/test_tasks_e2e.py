@@ -8,12 +8,11 @@ import json
 import pytest
 from launch_util import run_main
 
+from ssl3d_jax import tasks
+
 # RPL 3D is covered in detail by tests/test_launch.py.
 CASES = [
-    (task, dims)
-    for task in ("rpl", "rotation", "jigsaw", "cpc", "exemplar")
-    for dims in ("3d", "2d")
-    if (task, dims) != ("rpl", "3d")
+    (task, dims) for task in tasks.names() for dims in ("3d", "2d") if (task, dims) != ("rpl", "3d")
 ]
 
 

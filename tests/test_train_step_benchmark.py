@@ -126,6 +126,7 @@ def test_torch_twin_heads_and_losses_match_jax():
     from flax import nnx
 
     import torch_models
+    from ssl3d_jax.models.unet import EncoderConfig
     from ssl3d_jax.tasks import cpc, exemplar
 
     rng = np.random.default_rng(0)
@@ -139,7 +140,7 @@ def test_torch_twin_heads_and_losses_match_jax():
         patches_per_side=4,
         code_size=e,
         gru_units=hidden,
-        encoder_kwargs=dict(filters=(4,), bottom_filters=4, num_groups=1),
+        encoder=EncoderConfig(filters=(4,), bottom_filters=4, num_groups=1),
         rngs=nnx.Rngs(0),
     )
     context = jnp.take(jnp.asarray(latents), jnp.asarray(ctx), axis=1)

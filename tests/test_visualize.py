@@ -8,7 +8,6 @@ import json
 import logging
 
 import jax
-import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from PIL import Image
 from configs import jigsaw as jigsaw_config
 from configs import rpl as rpl_config
 from ssl3d_jax import run as run_lib
-from ssl3d_jax import visualize
+from ssl3d_jax import figures, tasks, visualize
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.tasks import rotation
 from ssl3d_jax.train import data as data_lib
@@ -82,7 +81,7 @@ def run_3d(tmp_path_factory):
 def test_visualize_mode_writes_every_figure_3d(run_3d):
     workdir, written = run_3d
     names = [p.rsplit("/", 1)[1] for p in written]
-    assert names == [f"{t}.png" for t in visualize.TASKS] + [
+    assert names == [f"{t}.png" for t in tasks.names()] + [
         "segmentation_pretrained.png",
         "curves.png",
     ]
@@ -96,7 +95,7 @@ def test_visualize_mode_2d_and_skips_without_run(tmp_path, caplog):
     config = _config(jigsaw_config, "smoke,2d", tasks=("all",))
     with caplog.at_level(logging.INFO, logger="ssl3d_jax"):
         written = run_lib.run(config, str(tmp_path))
-    assert [p.rsplit("/", 1)[1] for p in written] == [f"{t}.png" for t in visualize.TASKS]
+    assert [p.rsplit("/", 1)[1] for p in written] == [f"{t}.png" for t in tasks.names()]
     for path in written:
         _check_png(path, path.rsplit("/", 1)[1][: -len(".png")])
     assert "No segmentation figure" in caplog.text
@@ -118,9 +117,17 @@ def _volumes(shape, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
+def _task(name: str, dims: int = 3, **section) -> tasks.Task:
+    """Registered task `name` built from its smoke config with `config.<name>` keys replaced."""
+    config = tasks.task_config(name, "smoke" if dims == 3 else "smoke,2d")
+    for key, value in section.items():
+        config[name][key] = value
+    return tasks.lookup(name).make(config, in_channels=1)
+
+
 def test_rotation_panels_are_the_task_rotations():
     vol = _volumes((2, 6, 6, 6, 2))
-    fig, panels = visualize.task_figure("rotation", None, vol, jax.random.key(0), names="ab")
+    fig, panels = visualize.task_figure(_task("rotation"), vol, jax.random.key(0), names="ab")
     drawn = panels["rotated"]
     assert drawn.shape == (10, 6, 6)
     for k in range(10):
@@ -137,15 +144,14 @@ def test_jigsaw_solved_grid_is_the_unshuffled_grid(dims):
     # Jitter 0: the grid tiles the input exactly, so the solved tiles are plain slices of it.
     size, p = 6, 3
     vol = _volumes((2,) + (size,) * dims + (1,), seed=dims)
-    section = ml_collections.ConfigDict(
-        dict(patches_per_side=p, jitter=0, num_permutations=10, permutation_seed=0)
-    )
-    _, panels = visualize.task_figure("jigsaw", section, vol, jax.random.key(3), names="ab")
+    section = dict(patches_per_side=p, jitter=0, grid_fraction=1.0, num_permutations=10)
+    task = _task("jigsaw", dims, permutation_seed=0, puzzles_per_volume=1, **section)
+    _, panels = visualize.task_figure(task, vol, jax.random.key(3), names="ab")
     s = size // p
     for index in range(p**dims):
         cell = np.unravel_index(index, (p,) * dims)
         patch = vol[0][tuple(slice(c * s, (c + 1) * s) for c in cell)]
-        np.testing.assert_array_equal(panels["solved"][index], visualize.to_2d(patch))
+        np.testing.assert_array_equal(panels["solved"][index], figures.to_2d(patch))
     assert not np.array_equal(panels["shuffled"], panels["solved"])  # class 0 is not identity
     if dims == 2:  # the solved mosaic is the image itself, with blank gaps between tiles
         image = panels["solved_mosaic_0"]
@@ -156,18 +162,18 @@ def test_jigsaw_solved_grid_is_the_unshuffled_grid(dims):
 def test_rpl_pair_and_offset():
     size, p = 9, 3
     vol = _volumes((2, size, size, size, 1), seed=1)
-    section = ml_collections.ConfigDict(dict(patches_per_side=p, jitter=0))
-    fig, panels = visualize.task_figure("rpl", section, vol, jax.random.key(5), names="ab")
+    task = _task("rpl", patches_per_side=p, jitter=0, grid_fraction=1.0)
+    fig, panels = visualize.task_figure(task, vol, jax.random.key(5), names="ab")
     title = fig.get_suptitle()
     label = int(title.split("class ")[1].split(",")[0])
-    offset = visualize.rpl_offset(label, p, 3)
+    offset = figures.rpl_offset(label, p, 3)
     assert str(offset) in title and offset != (0, 0, 0)
     cell = tuple(1 + o for o in offset)  # the centre cell is (1, 1, 1)
     query = vol[0][tuple(slice(3 * c, 3 * c + 3) for c in cell)]
-    np.testing.assert_array_equal(panels["query"], visualize.to_2d(query))
-    np.testing.assert_array_equal(panels["reference"], visualize.to_2d(vol[0, 3:6, 3:6, 3:6]))
+    np.testing.assert_array_equal(panels["query"], figures.to_2d(query))
+    np.testing.assert_array_equal(panels["reference"], figures.to_2d(vol[0, 3:6, 3:6, 3:6]))
     # The class ↔ offset map skips the centre: 26 distinct non-zero offsets.
-    offsets = {visualize.rpl_offset(c, 3, 3) for c in range(26)}
+    offsets = {figures.rpl_offset(c, 3, 3) for c in range(26)}
     assert len(offsets) == 26 and (0, 0, 0) not in offsets
 
 
@@ -177,6 +183,6 @@ def test_curves_are_the_metrics_per_phase():
         {"phase": "pretrain", "step": 1, "loss": 3.0},
         {"phase": "pretrain/knn", "step": 2, "knn_accuracy": 0.5},
     ]
-    _, panels = visualize.plot_curves(records)
+    _, panels = figures.plot_curves(records)
     np.testing.assert_array_equal(panels["pretrain/loss"], [[1, 2], [3.0, 2.0]])
     np.testing.assert_array_equal(panels["pretrain/knn/knn_accuracy"], [[2], [0.5]])

@@ -25,7 +25,7 @@ from flax import nnx
 
 from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.layers import check_spatial_dims
-from ssl3d_jax.models.unet import Encoder3D, global_max_pool
+from ssl3d_jax.models.unet import Encoder3D, EncoderConfig, global_max_pool
 
 __all__ = ["ClassificationModel"]
 
@@ -41,11 +41,8 @@ class ClassificationModel(nnx.Module):
       dropout_rate: dropout of the MLP head's hidden layer (original: 0.5); unused by a linear head.
       rngs: `nnx.Rngs` for the initialisers. The encoder is created first, so that with the same
         key its initial weights do not depend on the head (all finetuning arms share them).
-      encoder_dropout_rate: dropout inside the encoder's blocks (`config.model.dropout_rate`;
-        a separate name because `dropout_rate` is the head's).
-      **encoder_kwargs: the other `Encoder3D` keywords (`filters`, `bottom_filters`,
-        `num_groups`, `dtype`, `remat`), from `tasks.encoder_config(config)` so that a pretext
-        checkpoint's encoder fits; the head computes in the same `dtype`.
+      encoder: the `EncoderConfig` (`EncoderConfig.from_config(config.model)`), so that a
+        pretext checkpoint's encoder fits; the head computes in its `dtype`.
 
     Call:
       `x [B, *spatial, C]` float32, `train` (static bool: dropout on), `rngs`
@@ -61,19 +58,14 @@ class ClassificationModel(nnx.Module):
         hidden: int | None = None,
         dropout_rate: float = 0.0,
         rngs: nnx.Rngs,
-        encoder_dropout_rate: float = 0.0,
-        **encoder_kwargs,
+        encoder: EncoderConfig = EncoderConfig(),
     ):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.encoder = Encoder3D(
-            in_channels,
-            spatial_dims=self.spatial_dims,
-            dropout_rate=encoder_dropout_rate,
-            rngs=rngs,
-            **encoder_kwargs,
+            in_channels, spatial_dims=self.spatial_dims, **encoder.kwargs(), rngs=rngs
         )
         features = self.encoder.bottom_filters
-        dtype = encoder_kwargs.get("dtype")
+        dtype = encoder.dtype
         self.hidden = None if hidden is None else int(hidden)
         if self.hidden is None:
             self.head = nnx.Linear(

@@ -36,7 +36,7 @@ from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.layers import check_spatial_dims
-from ssl3d_jax.models.unet import Encoder3D
+from ssl3d_jax.models.unet import Encoder3D, EncoderConfig
 
 __all__ = [
     "VoxelLinearProbe",
@@ -89,8 +89,7 @@ class VoxelLinearProbe(nnx.Module):
       num_classes: K, output logits per voxel.
       spatial_dims: 3 (volumes, default) or 2 (images).
       rngs: `nnx.Rngs` for the initialisers.
-      **encoder_kwargs: `Encoder3D` keyword arguments (`filters`, `bottom_filters`, `num_groups`,
-        `dropout_rate`, `dtype`, `remat`), normally `tasks.encoder_config(config)`, so that a
+      encoder: the `EncoderConfig` (`EncoderConfig.from_config(config.model)`), so that a
         pretext checkpoint's `params['encoder']` fits. With a bfloat16 `dtype` each level's
         read-out is a bfloat16 matmul (forward and backward), whose K-channel result is summed
         over the levels, and biased, in float32.
@@ -115,12 +114,12 @@ class VoxelLinearProbe(nnx.Module):
         num_classes: int,
         *,
         spatial_dims: int = 3,
+        encoder: EncoderConfig = EncoderConfig(),
         rngs: nnx.Rngs,
-        **encoder_kwargs,
     ):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.encoder = Encoder3D(
-            in_channels, spatial_dims=self.spatial_dims, rngs=rngs, **encoder_kwargs
+            in_channels, spatial_dims=self.spatial_dims, **encoder.kwargs(), rngs=rngs
         )
         self.feature_channels = probe_feature_channels(
             self.encoder.filters, self.encoder.bottom_filters

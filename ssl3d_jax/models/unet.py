@@ -45,7 +45,9 @@ the backward pass, which is what lets 128³ inputs fit, for one extra forward pa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,11 +59,14 @@ from ssl3d_jax.models.layers import (
     ConvBlock,
     DownConv,
     UpConv2,
+    check_conv_impl,
     check_spatial_dims,
+    compute_dtype,
     max_pool2,
 )
 
 __all__ = [
+    "EncoderConfig",
     "Encoder3D",
     "Encoder",
     "UNetDecoder",
@@ -69,6 +74,66 @@ __all__ = [
     "global_max_pool",
     "flatten_features",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """The encoder's settings: one frozen value, built from `config.model` by `from_config` and
+    passed as `encoder=` to every model (the five pretext models, segmentation, probe,
+    classification), so that `params['encoder']` of any of them restores into any other.
+
+    `filters`, `bottom_filters`, `num_groups`, `dropout_rate` and `downsample` fix the parameter
+    tree; `dtype` (the compute dtype; params stay float32), `remat` and `conv_impl` change how
+    the model computes, never its parameters, so a checkpoint restores whatever they were at save
+    time. Every model computes its heads in `dtype` too. Fields: as `Encoder3D`'s arguments.
+    """
+
+    filters: tuple[int, ...] = (16, 32, 64, 128)
+    bottom_filters: int = 256
+    num_groups: int = 8
+    dropout_rate: float = 0.0
+    dtype: Any = None
+    remat: bool = False
+    conv_impl: str = "xla"
+    downsample: str = "max_pool"
+
+    def __post_init__(self):
+        object.__setattr__(self, "filters", tuple(int(f) for f in self.filters))
+
+    @classmethod
+    def from_config(cls, model) -> EncoderConfig:
+        """From the `config.model` section (configs/common.py documents every key).
+
+        Raises:
+          ConfigError: an unknown `compute_dtype`, a non-boolean `remat`, an unknown `downsample`,
+            or `conv_impl='onednn'` where oneDNN convolutions cannot run.
+        """
+        if not isinstance(model.remat, bool):
+            raise ConfigError(f"config.model.remat={model.remat!r}: expected True or False.")
+        dtype = compute_dtype(model.compute_dtype)
+        conv_impl = check_conv_impl(model.conv_impl)
+        if conv_impl == "onednn":  # before any data is read: the extension is missing, or no CPU
+            from ssl3d_jax.ops.conv import check_onednn
+
+            check_onednn(dtype)
+        if model.downsample not in DOWNSAMPLES:
+            raise ConfigError(
+                f"config.model.downsample={model.downsample!r}: expected one of {DOWNSAMPLES}."
+            )
+        return cls(
+            filters=tuple(int(f) for f in model.filters),
+            bottom_filters=int(model.bottom_filters),
+            num_groups=int(model.num_groups),
+            dropout_rate=float(model.dropout_rate),
+            dtype=dtype,
+            remat=model.remat,
+            conv_impl=conv_impl,
+            downsample=model.downsample,
+        )
+
+    def kwargs(self) -> dict[str, Any]:
+        """`Encoder3D`'s keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def global_max_pool(x: jax.Array) -> jax.Array:
@@ -297,8 +362,8 @@ class SegmentationModel(nnx.Module):
     The attribute name `encoder` is part of the checkpoint contract: finetuning restores
     `params['encoder']` from a pretraining checkpoint.
 
-    `dtype` (compute dtype), `remat` and `conv_impl` go to both the encoder and the decoder;
-    `downsample` to the encoder.
+    `encoder` (an `EncoderConfig`) builds the encoder; the decoder mirrors its levels and takes
+    its `num_groups`, `dropout_rate`, `dtype`, `remat` and `conv_impl`.
 
     Call:
       `x [B, *spatial, in_channels]` -> logits `[B, *spatial, num_classes]` float32, spatial =
@@ -311,40 +376,23 @@ class SegmentationModel(nnx.Module):
         num_classes: int,
         *,
         spatial_dims: int = 3,
-        filters: Sequence[int] = (16, 32, 64, 128),
-        bottom_filters: int = 256,
-        num_groups: int = 8,
-        dropout_rate: float = 0.0,
-        dtype=None,
-        remat: bool = False,
-        conv_impl: str = "xla",
-        downsample: str = "max_pool",
+        encoder: EncoderConfig = EncoderConfig(),
         rngs: nnx.Rngs,
     ):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.encoder = Encoder3D(
-            in_channels,
-            spatial_dims=self.spatial_dims,
-            filters=filters,
-            bottom_filters=bottom_filters,
-            num_groups=num_groups,
-            dropout_rate=dropout_rate,
-            dtype=dtype,
-            remat=remat,
-            conv_impl=conv_impl,
-            downsample=downsample,
-            rngs=rngs,
+            in_channels, spatial_dims=self.spatial_dims, **encoder.kwargs(), rngs=rngs
         )
         self.decoder = UNetDecoder(
             spatial_dims=self.spatial_dims,
-            filters=filters,
-            bottom_filters=bottom_filters,
+            filters=encoder.filters,
+            bottom_filters=encoder.bottom_filters,
             num_classes=num_classes,
-            num_groups=num_groups,
-            dropout_rate=dropout_rate,
-            dtype=dtype,
-            remat=remat,
-            conv_impl=conv_impl,
+            num_groups=encoder.num_groups,
+            dropout_rate=encoder.dropout_rate,
+            dtype=encoder.dtype,
+            remat=encoder.remat,
+            conv_impl=encoder.conv_impl,
             rngs=rngs,
         )
 

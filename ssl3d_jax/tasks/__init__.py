@@ -1,26 +1,53 @@
-"""Pretext tasks. Each task is one module `ssl3d_jax/tasks/<name>.py` exposing
-`make_task(config, *, in_channels) -> Task`; `config.task` names the module."""
+"""Pretext tasks and their registry.
+
+A pretext task is one module that defines `TASK = TaskDef(name, make, ...)`, where
+`make(config, *, in_channels) -> Task` builds the configured task (model, loss, sampling, plot),
+plus one config file whose `get_config(arg)` sets `config.task = name` and the task's section.
+The registry (`registry()`, `names()`) holds:
+
+- the built-in tasks: every module of this package that defines `TASK` (config files in the
+  repository's `configs/<name>.py`);
+- tasks of the user's: the Python files (or importable module names) listed in the environment
+  variable `SSL3D_JAX_TASKS` (separated by `os.pathsep`, `:` on Linux), each defining `TASK`; a
+  `TaskDef.config_file` relative path is relative to the task's file. Notebooks can also call
+  `register(TASK)`.
+
+Everything else takes its task list from here: `config.task`, the sweep's
+`config.experiment.tasks=('all',)`, visualize, `ssl3d --list`, the benchmarks and the tests.
+README "Adding a task" walks through an example.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib
+import importlib.util
+import logging
 import math
+import os
+import pkgutil
+import sys
 from typing import Callable
 
 import jax
 from flax import nnx
 
+from ssl3d_jax import config_files
 from ssl3d_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "SSL3D_JAX_TASKS"
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """What the generic pretraining loop needs from a pretext task.
+    """A pretext task as configured: what pretraining, visualize and the benchmarks need.
 
     Attributes:
-      name: the task's name (= its module and config file name).
+      name: the task's name (= its `TaskDef.name` and `config.task`).
       build_model: `rngs -> nnx.Module`; the module has an `.encoder` attribute (the part that is
         handed to finetuning) and takes whatever the task's loss feeds it.
       loss: `(model, volumes, key) -> (loss, metrics)`, pure and jit-able; `volumes` is a
@@ -32,6 +59,16 @@ class Task:
         for a K-way classification. Logged beside the metrics (`chance_<metric>`), and the end of
         pretraining warns when the loss stays near `chance['loss']`. Metrics without a fixed
         chance value (e.g. Exemplar's distances) are absent; `{}` when unknown.
+      sample: `(volumes, key) -> {name: array}`, pure and jit-able: one draw of what the loss
+        feeds the network (patches, labels, views) from `volumes [B, *spatial, C]` (B >= 2), as
+        the loss draws it; for figures (`ssl3d_jax.visualize`) and the input benchmarks.
+      plot: `(sample, volumes, *, names, channel) -> (Figure, panels)` drawing volume 0 of a
+        `sample` (numpy arrays) with `ssl3d_jax.figures`; `names` are the case names of
+        `volumes`. None: `figures.plot_sample`, a generic picture of every sampled array.
+      couples_batch: the loss takes its negatives from the other samples of the batch (CPC,
+        Exemplar): gradient accumulation then changes the task, and `get_task` warns.
+      min_batch: the fewest volumes per (micro-)batch the loss accepts (Exemplar: 2, a volume's
+        negative is another volume).
     """
 
     name: str
@@ -39,6 +76,162 @@ class Task:
     loss: Callable
     input_spec: dict
     chance: dict[str, float] = dataclasses.field(default_factory=dict)
+    sample: Callable | None = None
+    plot: Callable | None = None
+    couples_batch: bool = False
+    min_batch: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskDef:
+    """What a task module registers: its module-level `TASK`.
+
+    Attributes:
+      name: `config.task`; unique in the registry.
+      make: `(config, *, in_channels) -> Task`; raises `ConfigError` naming the config key for a
+        bad setting.
+      summary: one line for `ssl3d --list` (default: the first sentence of the module docstring).
+      config_file: the task's config file (`get_config(arg)`, arg e.g. `smoke,2d`): absolute, or
+        relative to the task module's folder. None: `configs/<name>.py` of the repository.
+      order: position in listings and in the sweep (the built-in tasks: the paper's order).
+    """
+
+    name: str
+    make: Callable
+    summary: str = ""
+    config_file: str | None = None
+    order: int = 100
+
+
+_REGISTRY: dict[str, TaskDef] = {}
+_LOADED: set[str] = set()  # registry sources already imported: builtins and SSL3D_JAX_TASKS entries
+
+
+def _summary(doc: str | None) -> str:
+    """The first sentence of a docstring, without the paper reference."""
+    para = " ".join((doc or "").split("\n\n", 1)[0].split())
+    para = para.split(" (Taleb", 1)[0]
+    return para.rstrip(" .,;:") + "." if para else ""
+
+
+def register(definition: TaskDef, *, origin: str | None = None) -> TaskDef:
+    """Adds `definition` to the registry (again: a no-op for the same task) and returns it.
+
+    Args:
+      origin: the file of the module that defines it; a relative `config_file` is resolved
+        against its folder.
+
+    Raises:
+      ConfigError: another task of the same name is registered.
+    """
+    if not isinstance(definition, TaskDef):
+        raise ConfigError(f"register: expected a ssl3d_jax.tasks.TaskDef, got {definition!r}")
+    config_file = definition.config_file
+    if config_file and origin and not os.path.isabs(config_file):
+        config_file = os.path.join(os.path.dirname(os.path.abspath(origin)), config_file)
+        definition = dataclasses.replace(definition, config_file=config_file)
+    known = _REGISTRY.get(definition.name)
+    if known is not None and known.make is not definition.make:
+        raise ConfigError(
+            f"task {definition.name!r} is registered twice (by {known.make.__module__} and "
+            f"{definition.make.__module__}); task names must be unique"
+        )
+    _REGISTRY[definition.name] = definition
+    return definition
+
+
+def _register_module(module, source: str) -> None:
+    definition = getattr(module, "TASK", None)
+    if definition is None:
+        raise ConfigError(f"{ENV_VAR}: {source} defines no TASK = ssl3d_jax.tasks.TaskDef(...)")
+    if not definition.summary:
+        definition = dataclasses.replace(definition, summary=_summary(module.__doc__))
+    register(definition, origin=getattr(module, "__file__", None))
+
+
+def _import_entry(entry: str):
+    """A `SSL3D_JAX_TASKS` entry: a `.py` file (imported under its own module name) or a module."""
+    if not entry.endswith(".py"):
+        return importlib.import_module(entry)
+    path = os.path.abspath(entry)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{ENV_VAR}: no file {path}")
+    name = "ssl3d_jax_user_task_" + os.path.splitext(os.path.basename(path))[0]
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == path:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: dataclasses and pickling look it up
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def registry() -> dict[str, TaskDef]:
+    """Every registered task by name, in `order` then name: the built-in ones, those of
+    `$SSL3D_JAX_TASKS` (read at each call, so a later setting is picked up) and `register`'s."""
+    if "builtin" not in _LOADED:
+        for info in pkgutil.iter_modules(__path__):
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            if hasattr(module, "TASK"):
+                _register_module(module, module.__name__)
+        _LOADED.add("builtin")
+    for entry in os.environ.get(ENV_VAR, "").split(os.pathsep):
+        entry = entry.strip()
+        if entry and entry not in _LOADED:
+            _register_module(_import_entry(entry), entry)
+            _LOADED.add(entry)
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: (kv[1].order, kv[0])))
+
+
+def names() -> tuple[str, ...]:
+    """The registered task names, in registry order."""
+    return tuple(registry())
+
+
+def lookup(name: str, *, key: str = "config.task") -> TaskDef:
+    """The registered task `name`; a `ConfigError` naming `key` and the known tasks otherwise."""
+    found = registry().get(name)
+    if found is None:
+        raise ConfigError(
+            f"{key}={name!r}: no such pretext task; registered: {', '.join(names())} (a task of "
+            f"your own: list its file in ${ENV_VAR}, README 'Adding a task')"
+        )
+    return found
+
+
+def expand(chosen, *, key: str) -> tuple[str, ...]:
+    """A task list from a config: `('all',)` → every registered task; otherwise each name
+    checked (`ConfigError` naming `key` for an unknown one)."""
+    chosen = tuple(chosen or ())
+    if "all" in chosen:
+        return names()
+    for name in chosen:
+        lookup(name, key=key)
+    return chosen
+
+
+def config_file(name: str) -> str:
+    """The config file of registered task `name` (its `config_file`, else `configs/<name>.py`)."""
+    definition = lookup(name)
+    if definition.config_file:
+        return definition.config_file
+    folder = config_files.configs_dir()
+    path = str(folder / f"{name}.py") if folder is not None else f"configs/{name}.py"
+    return path
+
+
+def task_config(name: str, arg: str | None):
+    """The (unlocked) config of task `name` from its config file, `get_config(arg)`."""
+    path = config_file(name)
+    if not os.path.isfile(path):
+        raise ConfigError(f"task {name!r}: its config file {path} does not exist")
+    config = config_files.load_config(path + (f":{arg}" if arg is not None else ""))
+    config.unlock()
+    return config
 
 
 def classification_chance(num_classes: int) -> dict[str, float]:
@@ -46,45 +239,6 @@ def classification_chance(num_classes: int) -> dict[str, float]:
     metrics: the cross-entropy ln(K) and the accuracy 1 / K of uniform predictions."""
     k = int(num_classes)
     return {"loss": math.log(k), "accuracy": 1.0 / k}
-
-
-def encoder_config(config) -> dict:
-    """Keyword arguments of `Encoder3D` from `config.model` (shared by every task's model).
-
-    Besides the architecture (`filters`, `bottom_filters`, `num_groups`, `dropout_rate`, which
-    fix the parameter tree), `dtype` (the compute dtype, from `config.model.compute_dtype`) and
-    `remat` (`config.model.remat`): they change how the model computes, never its parameters
-    (always float32), so a checkpoint restores whatever either setting was at save time. Every
-    model reads its heads' compute dtype from `dtype` too.
-
-    Raises:
-      ConfigError: an unknown `config.model.compute_dtype`, a non-boolean `config.model.remat`,
-        or `config.model.conv_impl='onednn'` where oneDNN convolutions cannot run.
-    """
-    from ssl3d_jax.models.layers import DOWNSAMPLES, check_conv_impl, compute_dtype
-
-    m = config.model
-    remat = m.get("remat", False)
-    if not isinstance(remat, bool):
-        raise ConfigError(f"config.model.remat={remat!r}: expected True or False.")
-    conv_impl = check_conv_impl(m.get("conv_impl", "auto"))
-    if conv_impl == "onednn":  # before any data is read: the extension is missing, or no CPU
-        from ssl3d_jax.ops.conv import check_onednn
-
-        check_onednn(compute_dtype(m.get("compute_dtype", "float32")))
-    downsample = m.get("downsample", "max_pool")
-    if downsample not in DOWNSAMPLES:
-        raise ConfigError(f"config.model.downsample={downsample!r}: expected one of {DOWNSAMPLES}.")
-    return dict(
-        filters=tuple(int(f) for f in m.filters),
-        bottom_filters=int(m.bottom_filters),
-        num_groups=int(m.num_groups),
-        dropout_rate=float(m.dropout_rate),
-        dtype=compute_dtype(m.get("compute_dtype", "float32")),
-        remat=remat,
-        conv_impl=conv_impl,
-        downsample=downsample,
-    )
 
 
 def check_batch_rank(volumes, spatial_dims: int, task: str) -> None:
@@ -119,26 +273,48 @@ def pretext_loss(loss_fn: Callable, *, task: str, spatial_dims: int, uses_dropou
 
 
 def get_task(config, *, in_channels: int) -> Task:
-    """The `Task` of `config.task` for inputs of `in_channels` channels.
+    """The `Task` of registered task `config.task` for inputs of `in_channels` channels.
 
     Also checks, from shapes only (`jax.eval_shape`, nothing is compiled), that the task can
     train on the inputs that `config.data` gives it: `config.data.spatial_dims` axes of
-    `config.data.size` voxels (every preprocessing mode and random crop yields that edge).
+    `config.data.size` voxels (every preprocessing mode and random crop yields that edge); and
+    its (micro-)batch against `config.pretrain.grad_accum_steps` (`Task.min_batch`; a warning
+    for a `Task.couples_batch` loss).
 
     Raises:
       ConfigError: an unknown `config.task`; a `config.data.size` too small for the task, naming
-        the smallest size that works.
+        the smallest size that works; micro-batches smaller than the task accepts.
     """
-    name = config.task
-    try:
-        module = importlib.import_module(f"ssl3d_jax.tasks.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"ssl3d_jax.tasks.{name}":
-            raise  # a missing dependency of an existing task module, not a mistyped task
-        raise ConfigError(f"config.task={name!r}: no module ssl3d_jax/tasks/{name}.py") from e
-    task = module.make_task(config, in_channels=in_channels)
-    _check_input_size(module, task, config, in_channels)
+    definition = lookup(config.task)
+    task = definition.make(config, in_channels=in_channels)
+    _check_input_size(definition, task, config, in_channels)
+    _check_micro_batch(task, int(config.pretrain.batch_size), int(config.pretrain.grad_accum_steps))
     return task
+
+
+def _check_micro_batch(task: Task, batch_size: int, accum: int) -> None:
+    micro = batch_size // max(accum, 1)
+    if accum > 1 and micro < task.min_batch:
+        raise ConfigError(
+            f"config.pretrain.grad_accum_steps={accum}: {task.name} needs micro-batches of at "
+            f"least {task.min_batch} volumes, got {batch_size} / {accum} = {micro}"
+        )
+    if accum > 1 and task.couples_batch:
+        _warn_coupled(task.name, accum, batch_size)
+
+
+@functools.cache  # once per setting: a run builds its task more than once
+def _warn_coupled(name: str, accum: int, batch_size: int) -> None:
+    # Not just a memory saving (ssl3d_jax.train.step): the loss's negatives are the batch it sees.
+    log.warning(
+        "%s with config.pretrain.grad_accum_steps=%d: the loss takes its negatives from the "
+        "batch, and each micro-batch of %d volumes sees only its own, so accumulation changes the "
+        "task (fewer, easier negatives), it does not reproduce the batch of %d",
+        name,
+        accum,
+        batch_size // accum,
+        batch_size,
+    )
 
 
 # Each input of the encoder (a patch; the whole input for rotation and exemplar) needs at least
@@ -192,7 +368,7 @@ def _input_problem(
     return None
 
 
-def _check_input_size(module, task: Task, config, in_channels: int) -> None:
+def _check_input_size(definition: TaskDef, task: Task, config, in_channels: int) -> None:
     size = int(config.data.size)
     found = _input_problem(task, config, size, in_channels)
     if found is None:
@@ -203,7 +379,7 @@ def _check_input_size(module, task: Task, config, in_channels: int) -> None:
         trial = copy.deepcopy(config)
         trial.data.size = s
         try:
-            t = module.make_task(trial, in_channels=in_channels)
+            t = definition.make(trial, in_channels=in_channels)
         except ConfigError:
             return False
         return _input_problem(t, trial, s, in_channels) is None

@@ -81,8 +81,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,11 +90,10 @@ from flax import nnx
 from jax import lax
 
 from ssl3d_jax.errors import ConfigError
-from ssl3d_jax.models.unet import Encoder3D, global_max_pool
+from ssl3d_jax.models.unet import Encoder3D, EncoderConfig, global_max_pool
 from ssl3d_jax.ops.patches import check_grid_fraction, grid_starts, patch_shape
-from ssl3d_jax.tasks import Task, classification_chance, encoder_config, pretext_loss
+from ssl3d_jax.tasks import Task, TaskDef, classification_chance, pretext_loss
 
-log = logging.getLogger(__name__)
 
 __all__ = [
     "last_context_row",
@@ -421,9 +418,8 @@ class CPCModel(nnx.Module):
       spatial_dims: 3 (volumes) or 2 (images).
       code_size: latent size (original: 1024).
       gru_units: GRU width (original: 256).
-      encoder_kwargs: keyword arguments of `Encoder3D` (filters, bottom_filters, num_groups,
-        dropout_rate, dtype, remat); the code projection, GRU and predictors compute in the same
-        `dtype`; the InfoNCE scores are float32 (`info_nce`).
+      encoder: the `EncoderConfig` (shared by every model, `config.model`); the head computes in
+        its `dtype`.
       rngs: `nnx.Rngs` for the initialisers.
 
     Attributes:
@@ -445,16 +441,15 @@ class CPCModel(nnx.Module):
         spatial_dims: int = 3,
         code_size: int = 1024,
         gru_units: int = 256,
-        encoder_kwargs: dict[str, Any] | None = None,
+        encoder: EncoderConfig = EncoderConfig(),
         rngs: nnx.Rngs,
     ):
         p, n = _check(patches_per_side, spatial_dims)
         self.patches_per_side, self.spatial_dims = p, n
         self.num_terms = p - 1 - last_context_row(p)
         self.gru_units = int(gru_units)
-        encoder_kwargs = dict(encoder_kwargs or {})
-        self.encoder = Encoder3D(in_channels, **encoder_kwargs, spatial_dims=n, rngs=rngs)
-        precision = dict(dtype=encoder_kwargs.get("dtype"), param_dtype=jnp.float32)
+        self.encoder = Encoder3D(in_channels, **encoder.kwargs(), spatial_dims=n, rngs=rngs)
+        precision = dict(dtype=encoder.dtype, param_dtype=jnp.float32)
         self.code = nnx.Linear(self.encoder.bottom_filters, int(code_size), **precision, rngs=rngs)
         # rngs=False: the RNN then carries no RNG state (only Params), so the model splits into
         # (graphdef, params) alone; the GRU has no dropout to feed.
@@ -591,37 +586,22 @@ def loss_fn(
     return loss, {"loss": loss, "accuracy": accuracy}
 
 
-@functools.cache  # once per setting: a run builds its task more than once
-def _warn_accumulation(accum: int, batch_size: int, patches: int) -> None:
-    # Not just a memory saving: InfoNCE's candidates are the latents of the batch it sees.
-    log.warning(
-        "CPC with config.pretrain.grad_accum_steps=%d: each micro-batch of %d volumes is its own "
-        "InfoNCE candidate set (%d instead of %d negatives per prediction), so accumulation "
-        "changes the task, it does not reproduce the batch of %d",
-        accum,
-        batch_size // accum,
-        batch_size // accum * patches - 1,
-        batch_size * patches - 1,
-        batch_size,
-    )
-
-
 def make_task(config, *, in_channels: int):
     """The CPC `Task` for the generic pretraining loop (see `ssl3d_jax.tasks.Task`).
 
     Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate, compute_dtype,
     remat), `config.data` (spatial_dims) and `config.cpc` (patches_per_side, jitter,
-    grid_fraction (optional, default 1), code_size, gru_units, temperature, volume_crop,
-    patch_crop, flip_patches). Logs a warning when
-    `config.pretrain.grad_accum_steps > 1`: the negatives of InfoNCE then come from each
-    micro-batch alone (see `ssl3d_jax.train.step`), which makes the task easier. The loss always
+    grid_fraction, code_size, gru_units, temperature, volume_crop,
+    patch_crop, flip_patches), and `config.pretrain` (batch_size, grad_accum_steps) for the
+    chance level. The negatives of InfoNCE come from the batch (`Task.couples_batch`: with
+    gradient accumulation from each micro-batch alone, and `get_task` warns). The loss always
     augments (`training=True`) and runs the model in train mode; its dropout key is split off the
     step key.
     """
     c = config.cpc
     p, n = _check(int(c.patches_per_side), int(config.data.spatial_dims))
     j = int(c.jitter)
-    f = check_grid_fraction(c.get("grid_fraction", 1.0), "config.cpc.grid_fraction")
+    f = check_grid_fraction(c.grid_fraction, "config.cpc.grid_fraction")
     code_size, gru_units = int(c.code_size), int(c.gru_units)
     temperature = float(c.temperature)
     if not temperature > 0:
@@ -632,12 +612,9 @@ def make_task(config, *, in_channels: int):
     for name in ("volume_crop", "patch_crop"):
         if not 0.0 < aug[name] <= 1.0:
             raise ConfigError(f"config.cpc.{name} must be in (0, 1], got {aug[name]!r}.")
-    encoder_kwargs = encoder_config(config)
-    uses_dropout = encoder_kwargs["dropout_rate"] > 0
-    pretrain = config.get("pretrain")
-    accum = int(pretrain.get("grad_accum_steps", 1)) if pretrain is not None else 1
-    if accum > 1:
-        _warn_accumulation(accum, int(pretrain.batch_size), p**n)
+    encoder = EncoderConfig.from_config(config.model)
+    uses_dropout = encoder.dropout_rate > 0
+    accum = int(config.pretrain.grad_accum_steps)
 
     def build_model(rngs: nnx.Rngs) -> CPCModel:
         return CPCModel(
@@ -646,7 +623,7 @@ def make_task(config, *, in_channels: int):
             spatial_dims=n,
             code_size=code_size,
             gru_units=gru_units,
-            encoder_kwargs=encoder_kwargs,
+            encoder=encoder,
             rngs=rngs,
         )
 
@@ -672,13 +649,38 @@ def make_task(config, *, in_channels: int):
         "in_channels": in_channels,
     }
     # Chance: uniform scores over the InfoNCE candidates of a prediction, the B * P**n latents of
-    # the (micro-)batch that the loss sees (unknown without config.pretrain.batch_size).
-    batch_size = pretrain.get("batch_size") if pretrain is not None else None
-    candidates = int(batch_size) // accum * p**n if batch_size else 0
+    # the (micro-)batch that the loss sees.
+    candidates = int(config.pretrain.batch_size) // accum * p**n
+
+    def sample(volumes, key):
+        patches = make_batch(
+            volumes, key, patches_per_side=p, jitter=j, training=True, grid_fraction=f, **aug
+        )
+        return {"patches": patches}
+
+    def plot(s, volumes, *, names, channel):
+        from ssl3d_jax import figures
+
+        centre = (p // 2,) * (n - 1)  # a central column
+        return figures.plot_cpc(
+            s["patches"][0],
+            patches_per_side=p,
+            context=context_indices(p, n),
+            targets=target_indices(p, n),
+            column=int(np.ravel_multi_index(centre, (p,) * (n - 1))),
+            channel=channel,
+        )
+
     return Task(
         name="cpc",
         build_model=build_model,
         loss=loss,
         input_spec=input_spec,
         chance=classification_chance(candidates) if candidates > 1 else {},
+        sample=sample,
+        plot=plot,
+        couples_batch=True,
     )
+
+
+TASK = TaskDef(name="cpc", make=make_task, order=3)

@@ -59,8 +59,6 @@ Deliberate deviations from the original code:
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,7 +68,7 @@ from flax import nnx
 
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.layers import check_spatial_dims
-from ssl3d_jax.models.unet import Encoder3D, global_max_pool
+from ssl3d_jax.models.unet import Encoder3D, EncoderConfig, global_max_pool
 from ssl3d_jax.ops.augment import (
     augment,
     check_augment_params,
@@ -84,9 +82,8 @@ from ssl3d_jax.ops.augment import (
     rotate,
     zoom,
 )
-from ssl3d_jax.tasks import Task, encoder_config, pretext_loss
+from ssl3d_jax.tasks import Task, TaskDef, pretext_loss
 
-log = logging.getLogger(__name__)
 
 __all__ = [
     # augmentations, re-exported for convenience (defined in ssl3d_jax.ops.augment)
@@ -263,9 +260,8 @@ class ExemplarModel(nnx.Module):
       in_channels: input channels C.
       code_size: embedding size (original: 1024).
       spatial_dims: 3 (volumes) or 2 (images).
-      encoder_kwargs: keyword arguments of `Encoder3D` (filters, bottom_filters, num_groups,
-        dropout_rate, dtype, remat); the projection computes in the same `dtype`, the
-        normalisation (and every distance of the loss) in float32.
+      encoder: the `EncoderConfig` (shared by every model, `config.model`); the head computes in
+        its `dtype`.
       rngs: `nnx.Rngs` for the initialisers.
 
     Call:
@@ -278,18 +274,17 @@ class ExemplarModel(nnx.Module):
         *,
         code_size: int,
         spatial_dims: int = 3,
-        encoder_kwargs: dict[str, Any] | None = None,
+        encoder: EncoderConfig = EncoderConfig(),
         rngs: nnx.Rngs,
     ):
-        encoder_kwargs = dict(encoder_kwargs or {})
         self.encoder = Encoder3D(
-            in_channels, spatial_dims=spatial_dims, **encoder_kwargs, rngs=rngs
+            in_channels, spatial_dims=spatial_dims, **encoder.kwargs(), rngs=rngs
         )
         # The single projection shared by anchor, positive and negative (the original: three).
         self.projection = nnx.Linear(
             self.encoder.bottom_filters,
             int(code_size),
-            dtype=encoder_kwargs.get("dtype"),
+            dtype=encoder.dtype,
             param_dtype=jnp.float32,
             rngs=rngs,
         )
@@ -357,19 +352,6 @@ def loss_fn(
     return loss, metrics
 
 
-@functools.cache  # once per setting: a run builds its task more than once
-def _warn_accumulation(accum: int, batch_size: int, batch_hard: bool) -> None:
-    log.warning(
-        "Exemplar with config.pretrain.grad_accum_steps=%d: negatives%s come from each "
-        "micro-batch of %d volumes, not from the batch of %d, so accumulation changes the task "
-        "(fewer candidate negatives), it does not reproduce the larger batch",
-        accum,
-        " (batch-hard)" if batch_hard else "",
-        batch_size // accum,
-        batch_size,
-    )
-
-
 def make_task(config, *, in_channels: int):
     """The Exemplar `Task` for the generic pretraining loop (see `ssl3d_jax.tasks.Task`).
 
@@ -378,9 +360,10 @@ def make_task(config, *, in_channels: int):
     squared_distance, batch_hard, augment_positive and the `AUGMENT_KEYS` of `augment`). The loss
     runs in train mode; its dropout key is split off the step key.
 
-    With `config.pretrain.grad_accum_steps = k > 1` the negatives come from each micro-batch of
-    `batch_size / k` volumes alone (see `ssl3d_jax.train.step`), which changes the task; a
-    warning is logged, and micro-batches of fewer than 2 volumes are a `ConfigError`.
+    The negatives come from the batch (`Task.couples_batch`): with
+    `config.pretrain.grad_accum_steps = k > 1` from each micro-batch of `batch_size / k` volumes
+    alone (see `ssl3d_jax.train.step`), which changes the task; `get_task` warns, and refuses
+    micro-batches of fewer than 2 volumes (`Task.min_batch`).
     """
     cfg = config.exemplar
     spatial_dims = check_spatial_dims(config.data.spatial_dims)
@@ -394,26 +377,15 @@ def make_task(config, *, in_channels: int):
     augment_kwargs = {k: float(cfg[k]) for k in AUGMENT_KEYS}
     check_augment_params(**augment_kwargs, prefix="config.exemplar.")
     batch_hard, augment_positive = bool(cfg.batch_hard), bool(cfg.augment_positive)
-    encoder_kwargs = encoder_config(config)
-    uses_dropout = encoder_kwargs["dropout_rate"] > 0
-    pretrain = config.get("pretrain")
-    accum = int(pretrain.get("grad_accum_steps", 1)) if pretrain is not None else 1
-    if accum > 1:
-        micro = int(pretrain.batch_size) // accum
-        if micro < 2:
-            raise ConfigError(
-                f"config.pretrain.grad_accum_steps={accum}: exemplar needs micro-batches of at "
-                f"least 2 volumes (a volume's negative is another volume of its micro-batch), "
-                f"got {pretrain.batch_size} / {accum} = {micro}"
-            )
-        _warn_accumulation(accum, int(pretrain.batch_size), bool(cfg.batch_hard))
+    encoder = EncoderConfig.from_config(config.model)
+    uses_dropout = encoder.dropout_rate > 0
 
     def build_model(rngs: nnx.Rngs) -> ExemplarModel:
         return ExemplarModel(
             in_channels,
             code_size=code_size,
             spatial_dims=spatial_dims,
-            encoder_kwargs=encoder_kwargs,
+            encoder=encoder,
             rngs=rngs,
         )
 
@@ -440,12 +412,38 @@ def make_task(config, *, in_channels: int):
         "augment_positive": augment_positive,
         "augment": augment_kwargs,
     }
+
     # Chance: embeddings that tell no volume apart give d(a, p) = d(a, n), i.e. the loss is the
     # margin, and d(a, p) < d(a, n) for half of the triplets (a coin flip).
+    def sample(volumes, key):
+        a, p, n, index = make_triplets(
+            volumes, key, augment_positive=augment_positive, augment_kwargs=augment_kwargs
+        )
+        return {"anchors": a, "positives": p, "negatives": n, "negative_index": index}
+
+    def plot(s, volumes, *, names, channel):
+        from ssl3d_jax import figures
+
+        return figures.plot_exemplar(
+            volumes[0],
+            s["anchors"][0],
+            s["positives"][0],
+            s["negatives"][0],
+            negative_source=f"case {names[int(s['negative_index'][0])]}",
+            channel=channel,
+        )
+
     return Task(
         name="exemplar",
         build_model=build_model,
         loss=loss,
         input_spec=input_spec,
         chance={"loss": margin, "triplet_accuracy": 0.5},
+        sample=sample,
+        plot=plot,
+        couples_batch=True,
+        min_batch=2,  # a volume's negative is another volume of its (micro-)batch
     )
+
+
+TASK = TaskDef(name="exemplar", make=make_task, order=4)

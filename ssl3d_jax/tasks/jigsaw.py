@@ -55,7 +55,6 @@ import hashlib
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +65,9 @@ from flax import nnx
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.layers import check_spatial_dims
-from ssl3d_jax.models.unet import Encoder3D, global_max_pool
+from ssl3d_jax.models.unet import Encoder3D, EncoderConfig, global_max_pool
 from ssl3d_jax.ops.patches import check_grid_fraction, extract_grid
-from ssl3d_jax.tasks import Task, classification_chance, encoder_config, pretext_loss
+from ssl3d_jax.tasks import Task, TaskDef, classification_chance, pretext_loss
 
 __all__ = [
     "sample_puzzles",
@@ -316,8 +315,8 @@ class JigsawModel(nnx.Module):
       in_channels: input channels C.
       num_patches: N, patches per puzzle (`P**spatial_dims`).
       num_permutations: K, the number of classes.
-      encoder_kwargs: keyword arguments of `Encoder3D` (filters, bottom_filters, num_groups,
-        dropout_rate, dtype, remat); the head computes in the same `dtype`.
+      encoder: the `EncoderConfig` (shared by every model, `config.model`); the head computes in
+        its `dtype`.
       head_hidden: hidden widths of the head (original `big_fully`: 2048, 1024).
       head_dropout: dropout rate of the head (original: 0.5).
       spatial_dims: 3 (volumes) or 2 (images), passed on to the encoder.
@@ -336,24 +335,23 @@ class JigsawModel(nnx.Module):
         *,
         num_patches: int,
         num_permutations: int,
-        encoder_kwargs: dict[str, Any] | None = None,
+        encoder: EncoderConfig = EncoderConfig(),
         head_hidden: Sequence[int] = (2048, 1024),
         head_dropout: float = 0.0,
         spatial_dims: int = 3,
         rngs: nnx.Rngs,
     ):
-        encoder_kwargs = dict(encoder_kwargs or {})
         self.num_patches = int(num_patches)
         self.spatial_dims = int(spatial_dims)
         self.encoder = Encoder3D(
-            in_channels, **encoder_kwargs, spatial_dims=self.spatial_dims, rngs=rngs
+            in_channels, **encoder.kwargs(), spatial_dims=self.spatial_dims, rngs=rngs
         )
         self.head = MLPHead(
             self.num_patches * self.encoder.bottom_filters,
             head_hidden,
             num_classes(num_permutations),
             dropout_rate=head_dropout,
-            dtype=encoder_kwargs.get("dtype"),
+            dtype=encoder.dtype,
             rngs=rngs,
         )
 
@@ -450,32 +448,31 @@ def make_task(config, *, in_channels: int):
     """The jigsaw `Task` for the generic pretraining loop (see `ssl3d_jax.tasks.Task`).
 
     Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate), `config.data`
-    (spatial_dims) and `config.jigsaw` (patches_per_side, jitter, grid_fraction (optional,
-    default 1), num_permutations, permutation_seed, puzzles_per_volume (optional, default 1),
-    head_hidden, head_dropout). The permutation
-    set is computed here, once. The loss always uses random sub-crops and grid origins
+    (spatial_dims) and `config.jigsaw` (patches_per_side, jitter, grid_fraction,
+    num_permutations, permutation_seed, puzzles_per_volume, head_hidden, head_dropout). The
+    permutation set is computed here, once. The loss always uses random sub-crops and grid origins
     (`training=True`) and train mode; its dropout key is split off the step key.
     """
     spatial_dims = check_spatial_dims(config.data.spatial_dims)
     p, j = int(config.jigsaw.patches_per_side), int(config.jigsaw.jitter)
-    f = check_grid_fraction(config.jigsaw.get("grid_fraction", 1.0), "config.jigsaw.grid_fraction")
+    f = check_grid_fraction(config.jigsaw.grid_fraction, "config.jigsaw.grid_fraction")
     _check_grid(p)
     n = p**spatial_dims
     k = int(config.jigsaw.num_permutations)
     seed = int(config.jigsaw.permutation_seed)
     perms = permutation_set(k, n, seed)
-    m = check_puzzles(config.jigsaw.get("puzzles_per_volume", 1), k)
-    encoder_kwargs = encoder_config(config)
+    m = check_puzzles(config.jigsaw.puzzles_per_volume, k)
+    encoder = EncoderConfig.from_config(config.model)
     head_hidden = tuple(int(h) for h in config.jigsaw.head_hidden)
     head_dropout = float(config.jigsaw.head_dropout)
-    uses_dropout = encoder_kwargs["dropout_rate"] > 0 or head_dropout > 0
+    uses_dropout = encoder.dropout_rate > 0 or head_dropout > 0
 
     def build_model(rngs: nnx.Rngs) -> JigsawModel:
         return JigsawModel(
             in_channels,
             num_patches=n,
             num_permutations=k,
-            encoder_kwargs=encoder_kwargs,
+            encoder=encoder,
             head_hidden=head_hidden,
             head_dropout=head_dropout,
             spatial_dims=spatial_dims,
@@ -507,10 +504,37 @@ def make_task(config, *, in_channels: int):
         "permutations_sha256": hashlib.sha256(perms.tobytes()).hexdigest(),
         "in_channels": in_channels,
     }
+
+    def sample(volumes, key):
+        # One puzzle per volume: what the figure draws.
+        puzzles, labels = make_batch(
+            volumes,
+            key,
+            patches_per_side=p,
+            jitter=j,
+            permutations=perms,
+            training=True,
+            grid_fraction=f,
+        )
+        return {"puzzles": puzzles, "labels": labels}
+
+    def plot(s, volumes, *, names, channel):
+        from ssl3d_jax import figures
+
+        label = int(s["labels"][0])
+        return figures.plot_jigsaw(
+            s["puzzles"][0], perms[label], label, patches_per_side=p, channel=channel
+        )
+
     return Task(
         name="jigsaw",
         build_model=build_model,
         loss=loss,
         input_spec=input_spec,
         chance=classification_chance(num_classes(k)),
+        sample=sample,
+        plot=plot,
     )
+
+
+TASK = TaskDef(name="jigsaw", make=make_task, order=2)

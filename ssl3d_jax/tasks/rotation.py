@@ -58,7 +58,6 @@ from __future__ import annotations
 import functools
 import numbers
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,8 +69,8 @@ from jax import lax
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.layers import check_spatial_dims, max_pool2
-from ssl3d_jax.models.unet import Encoder3D, flatten_features
-from ssl3d_jax.tasks import Task, classification_chance, encoder_config, pretext_loss
+from ssl3d_jax.models.unet import Encoder3D, EncoderConfig, flatten_features
+from ssl3d_jax.tasks import Task, TaskDef, classification_chance, pretext_loss
 
 __all__ = [
     "num_classes",
@@ -246,8 +245,8 @@ class RotationModel(nnx.Module):
       in_channels: input channels C.
       input_size: edge of the (cubic / square) input, static; fixes the flattened feature size.
       spatial_dims: 3 (volumes) or 2 (images).
-      encoder_kwargs: keyword arguments of `Encoder3D` (filters, bottom_filters, num_groups,
-        dropout_rate, dtype, remat); the head computes in the same `dtype`.
+      encoder: the `EncoderConfig` (shared by every model, `config.model`); the head computes in
+        its `dtype`.
       head_hidden: hidden widths of the head (original: 2048, 1024).
       head_dropout: dropout rate of the head (original: 0.5).
       rngs: `nnx.Rngs` for the initialisers.
@@ -262,16 +261,15 @@ class RotationModel(nnx.Module):
         *,
         input_size: int,
         spatial_dims: int = 3,
-        encoder_kwargs: dict[str, Any] | None = None,
+        encoder: EncoderConfig = EncoderConfig(),
         head_hidden: Sequence[int] = (2048, 1024),
         head_dropout: float = 0.0,
         rngs: nnx.Rngs,
     ):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.input_size = int(input_size)
-        encoder_kwargs = dict(encoder_kwargs or {})
         self.encoder = Encoder3D(
-            in_channels, **encoder_kwargs, spatial_dims=self.spatial_dims, rngs=rngs
+            in_channels, **encoder.kwargs(), spatial_dims=self.spatial_dims, rngs=rngs
         )
         edge = _pooled_size(self.input_size, len(self.encoder.filters))
         in_features = edge**self.spatial_dims * self.encoder.bottom_filters
@@ -280,7 +278,7 @@ class RotationModel(nnx.Module):
             head_hidden,
             num_classes(self.spatial_dims),
             dropout_rate=head_dropout,
-            dtype=encoder_kwargs.get("dtype"),
+            dtype=encoder.dtype,
             rngs=rngs,
         )
 
@@ -338,17 +336,17 @@ def make_task(config, *, in_channels: int):
     size = int(config.data.size)
     if size < 1:
         raise ConfigError(f"config.data.size must be a positive int, got {config.data.size!r}.")
-    encoder_kwargs = encoder_config(config)
+    encoder = EncoderConfig.from_config(config.model)
     head_hidden = tuple(int(h) for h in config.rotation.head_hidden)
     head_dropout = float(config.rotation.head_dropout)
-    uses_dropout = encoder_kwargs["dropout_rate"] > 0 or head_dropout > 0
+    uses_dropout = encoder.dropout_rate > 0 or head_dropout > 0
 
     def build_model(rngs: nnx.Rngs) -> RotationModel:
         return RotationModel(
             in_channels,
             input_size=size,
             spatial_dims=spatial_dims,
-            encoder_kwargs=encoder_kwargs,
+            encoder=encoder,
             head_hidden=head_hidden,
             head_dropout=head_dropout,
             rngs=rngs,
@@ -368,10 +366,27 @@ def make_task(config, *, in_channels: int):
         "num_classes": num_classes(spatial_dims),
         "in_channels": in_channels,
     }
+
+    def sample(volumes, key):
+        # Volume 0 under every class (the key is not used: the figure shows them all).
+        return {
+            "rotated": jnp.stack([rotate(volumes[0], c) for c in range(num_classes(spatial_dims))])
+        }
+
+    def plot(s, volumes, *, names, channel):
+        from ssl3d_jax import figures
+
+        return figures.plot_rotation(s["rotated"], rotation_table(spatial_dims), channel=channel)
+
     return Task(
         name="rotation",
         build_model=build_model,
         loss=loss,
         input_spec=input_spec,
         chance=classification_chance(num_classes(spatial_dims)),
+        sample=sample,
+        plot=plot,
     )
+
+
+TASK = TaskDef(name="rotation", make=make_task, order=1)

@@ -49,7 +49,6 @@ Deliberate deviations from the original code:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +58,7 @@ from flax import nnx
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.layers import check_spatial_dims
-from ssl3d_jax.models.unet import Encoder3D, global_max_pool
+from ssl3d_jax.models.unet import Encoder3D, EncoderConfig, global_max_pool
 from ssl3d_jax.ops.patches import (
     check_grid_fraction,
     grid_starts,
@@ -67,7 +66,7 @@ from ssl3d_jax.ops.patches import (
     slice_patches,
     spatial_dims_of,
 )
-from ssl3d_jax.tasks import Task, classification_chance, encoder_config, pretext_loss
+from ssl3d_jax.tasks import Task, TaskDef, classification_chance, pretext_loss
 
 __all__ = [
     "num_classes",
@@ -223,9 +222,8 @@ class RPLModel(nnx.Module):
       in_channels: input channels C.
       patches_per_side: P (odd), fixes the number of classes `P**spatial_dims - 1`.
       spatial_dims: 3 (volume patches, default) or 2 (image patches).
-      encoder_kwargs: keyword arguments of `Encoder3D` (filters, bottom_filters, num_groups,
-        dropout_rate, dtype, remat); `spatial_dims` is passed separately. The head computes in
-        the same `dtype`.
+      encoder: the `EncoderConfig` (shared by every model, `config.model`); the head computes in
+        its `dtype`.
       head_hidden: hidden widths of the head (original: 2048, 1024).
       head_dropout: dropout rate of the head (original: 0.5).
       rngs: `nnx.Rngs` for the initialisers.
@@ -244,22 +242,21 @@ class RPLModel(nnx.Module):
         *,
         patches_per_side: int,
         spatial_dims: int = 3,
-        encoder_kwargs: dict[str, Any] | None = None,
+        encoder: EncoderConfig = EncoderConfig(),
         head_hidden: Sequence[int] = (2048, 1024),
         head_dropout: float = 0.0,
         rngs: nnx.Rngs,
     ):
-        encoder_kwargs = dict(encoder_kwargs or {})
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.encoder = Encoder3D(
-            in_channels, spatial_dims=self.spatial_dims, **encoder_kwargs, rngs=rngs
+            in_channels, spatial_dims=self.spatial_dims, **encoder.kwargs(), rngs=rngs
         )
         self.head = MLPHead(
             2 * self.encoder.bottom_filters,
             head_hidden,
             num_classes(patches_per_side, self.spatial_dims),
             dropout_rate=head_dropout,
-            dtype=encoder_kwargs.get("dtype"),
+            dtype=encoder.dtype,
             rngs=rngs,
         )
 
@@ -344,27 +341,27 @@ def make_task(config, *, in_channels: int):
 
     Reads `config.model` (filters, bottom_filters, num_groups, dropout_rate), `config.data`
     (spatial_dims: 3 for volumes, 2 for images) and `config.rpl` (patches_per_side, jitter,
-    grid_fraction (optional, default 1), queries_per_volume (optional, default 1), head_hidden,
+    grid_fraction, queries_per_volume, head_hidden,
     head_dropout). The loss always uses random
     sub-crops and grid origins (`training=True`) and train mode; its dropout key is split off the
     step key.
     """
     p, j = int(config.rpl.patches_per_side), int(config.rpl.jitter)
-    f = check_grid_fraction(config.rpl.get("grid_fraction", 1.0), "config.rpl.grid_fraction")
+    f = check_grid_fraction(config.rpl.grid_fraction, "config.rpl.grid_fraction")
     _check_grid(p)
     spatial_dims = check_spatial_dims(config.data.spatial_dims)
-    q = check_queries(config.rpl.get("queries_per_volume", 1), p, spatial_dims)
-    encoder_kwargs = encoder_config(config)
+    q = check_queries(config.rpl.queries_per_volume, p, spatial_dims)
+    encoder = EncoderConfig.from_config(config.model)
     head_hidden = tuple(int(h) for h in config.rpl.head_hidden)
     head_dropout = float(config.rpl.head_dropout)
-    uses_dropout = encoder_kwargs["dropout_rate"] > 0 or head_dropout > 0
+    uses_dropout = encoder.dropout_rate > 0 or head_dropout > 0
 
     def build_model(rngs: nnx.Rngs) -> RPLModel:
         return RPLModel(
             in_channels,
             patches_per_side=p,
             spatial_dims=spatial_dims,
-            encoder_kwargs=encoder_kwargs,
+            encoder=encoder,
             head_hidden=head_hidden,
             head_dropout=head_dropout,
             rngs=rngs,
@@ -390,10 +387,29 @@ def make_task(config, *, in_channels: int):
         "queries_per_volume": q,
         "in_channels": in_channels,
     }
+    grid = dict(patches_per_side=p, jitter=j, training=True, grid_fraction=f)
+
+    def sample(volumes, key):
+        # One (reference, query) pair per volume: what the figure draws.
+        pairs, labels = make_batch(volumes, key, **grid)
+        return {"pairs": pairs, "labels": labels}
+
+    def plot(s, volumes, *, names, channel):
+        from ssl3d_jax import figures
+
+        return figures.plot_rpl(
+            volumes[0], s["pairs"][0], int(s["labels"][0]), patches_per_side=p, channel=channel
+        )
+
     return Task(
         name="rpl",
         build_model=build_model,
         loss=loss,
         input_spec=input_spec,
         chance=classification_chance(num_classes(p, spatial_dims)),
+        sample=sample,
+        plot=plot,
     )
+
+
+TASK = TaskDef(name="rpl", make=make_task, order=0)

@@ -52,8 +52,8 @@ from ssl3d_jax.checkpoint import restore_encoder
 from ssl3d_jax.data import datasets
 from ssl3d_jax.errors import CheckpointError, ConfigError, DataError
 from ssl3d_jax.models.classifier import ClassificationModel
+from ssl3d_jax.models.unet import EncoderConfig
 from ssl3d_jax.progress import Progress
-from ssl3d_jax.tasks import encoder_config
 from ssl3d_jax.train import arms, common
 from ssl3d_jax.train import step as step_lib
 
@@ -77,8 +77,7 @@ def setting(config, key: str):
 def build_model(config, *, in_channels: int, num_classes: int, spatial_dims: int, arm: str):
     """`rngs -> ClassificationModel`: a linear head for 'probe', an MLP head otherwise."""
     # The same encoder settings as every pretext model, so that params['encoder'] fits.
-    enc = encoder_config(config)
-    enc_dropout = enc.pop("dropout_rate")
+    encoder = EncoderConfig.from_config(config.model)
     linear = arms.SCHEDULES[arm] == "probe"
     hidden = None if linear else int(setting(config, "head_hidden"))
 
@@ -89,9 +88,8 @@ def build_model(config, *, in_channels: int, num_classes: int, spatial_dims: int
             spatial_dims=spatial_dims,
             hidden=hidden,
             dropout_rate=float(setting(config, "head_dropout")),
-            encoder_dropout_rate=enc_dropout,
+            encoder=encoder,
             rngs=rngs,
-            **enc,
         )
 
     return build

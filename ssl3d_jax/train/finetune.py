@@ -41,9 +41,8 @@ from ssl3d_jax.checkpoint import restore_encoder
 from ssl3d_jax.data import datasets, export, slices
 from ssl3d_jax.errors import CheckpointError
 from ssl3d_jax.models.probes import VoxelLinearProbe
-from ssl3d_jax.models.unet import SegmentationModel
+from ssl3d_jax.models.unet import EncoderConfig, SegmentationModel
 from ssl3d_jax.progress import Progress
-from ssl3d_jax.tasks import encoder_config
 from ssl3d_jax.train import common
 from ssl3d_jax.train import data as data_lib
 from ssl3d_jax.train import step as step_lib
@@ -67,7 +66,7 @@ log = logging.getLogger(__name__)
 
 def build_model(config, *, in_channels: int, num_classes: int, arm: str = "scratch"):
     # The same encoder settings as every pretext model, so that params['encoder'] fits.
-    encoder_kwargs = encoder_config(config)
+    encoder = EncoderConfig.from_config(config.model)
     cls = VoxelLinearProbe if SCHEDULES[arm] == "probe" else SegmentationModel
 
     def build(rngs):
@@ -75,8 +74,8 @@ def build_model(config, *, in_channels: int, num_classes: int, arm: str = "scrat
             in_channels,
             num_classes,
             spatial_dims=config.data.spatial_dims,
+            encoder=encoder,
             rngs=rngs,
-            **encoder_kwargs,
         )
 
     return build
