@@ -46,7 +46,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssl3d_jax import tasks  # noqa: E402
-from ssl3d_jax.train import finetune  # noqa: E402
+from ssl3d_jax.train import arms, finetune  # noqa: E402
 from ssl3d_jax.train import step as step_lib  # noqa: E402
 from ssl3d_jax.train.state import TrainState  # noqa: E402
 
@@ -141,11 +141,11 @@ def finetune_steps(size: str, in_channels: int, num_classes: int) -> dict:
     }
     desc = f"{cfg.batch_size} x {s}^3 x {in_channels}, {num_classes} classes"
     out = {}
-    # Same trainable parts as finetune.run: None (all), _WARMUP_PARTS, _PROBE_PARTS.
+    # Same trainable parts as downstream.run: None (all), the warm-up's, the probe's.
     kinds = (
         ("full", "scratch", None),
-        ("frozen", "scratch", finetune._WARMUP_PARTS),
-        ("probe", "probe", finetune._PROBE_PARTS),
+        ("frozen", "scratch", finetune.SEGMENTATION.warmup_parts),
+        ("probe", "probe", arms.PROBE_PARTS),
     )
     for kind, arm, trainable in kinds:
         build = finetune.build_model(

@@ -19,7 +19,7 @@ from ssl3d_jax.checkpoint import Checkpointer
 from ssl3d_jax.errors import CheckpointError, ConfigError
 from ssl3d_jax.models.classifier import ClassificationModel
 from ssl3d_jax.models.unet import EncoderConfig
-from ssl3d_jax.train import classify, pretrain
+from ssl3d_jax.train import classify, downstream, pretrain
 from ssl3d_jax.train import step as step_lib
 
 SIZE = 16
@@ -95,7 +95,7 @@ def pretext(tmp_path_factory, dataset, mesh):
 def pretrained_run(tmp_path_factory, dataset, splits, pretext, mesh):
     workdir = tmp_path_factory.mktemp("work")
     config = _config()
-    result = classify.run(
+    result = downstream.run(
         config, str(workdir), "pretrained", splits, dataset, init_from=pretext[0], mesh=mesh
     )
     return workdir, result
@@ -212,7 +212,7 @@ def test_pretrained_restores_encoder_and_warms_up_frozen(pretrained_run, pretext
 
 def test_probe_trains_only_a_linear_head(tmp_path, dataset, splits, pretext, mesh):
     config = _config()
-    result = classify.run(
+    result = downstream.run(
         config, str(tmp_path), "probe", splits, dataset, init_from=pretext[0], mesh=mesh
     )
     assert result["trainable"] == "head" and result["warmup_frozen_steps"] == STEPS
@@ -228,7 +228,7 @@ def test_probe_trains_only_a_linear_head(tmp_path, dataset, splits, pretext, mes
 def test_scratch_trains_everything_from_the_shared_init(tmp_path, dataset, splits, mesh):
     config = _config()
     config.finetune.num_steps = 2
-    result = classify.run(
+    result = downstream.run(
         config, str(tmp_path), "scratch", splits, dataset, init_from=None, mesh=mesh
     )
     assert result["restored_tensors"] == 0 and result["warmup_frozen_steps"] == 0
@@ -246,7 +246,7 @@ def test_random_controls_are_their_arms_on_the_random_encoder(tmp_path, dataset,
         assert jax.tree.structure(ours) == jax.tree.structure(theirs)
         assert all(jax.tree.leaves(jax.tree.map(np.array_equal, ours, theirs)))
     init = _init_params(config, "random_warmup")
-    result = classify.run(
+    result = downstream.run(
         config, str(tmp_path), "random_warmup", splits, dataset, init_from=None, mesh=mesh
     )
     assert result["restored_tensors"] == 0 and result["warmup_frozen_steps"] == WARMUP
@@ -258,7 +258,7 @@ def test_random_controls_are_their_arms_on_the_random_encoder(tmp_path, dataset,
         np.testing.assert_array_equal(at_warmup[k], v)
     final = _encoder_leaves(_checkpoint_params(tmp_path, "random_warmup", STEPS)["encoder"])
     assert any(not np.array_equal(v, at_warmup[k]) for k, v in final.items())
-    result = classify.run(
+    result = downstream.run(
         config, str(tmp_path), "random_probe", splits, dataset, init_from=None, mesh=mesh
     )
     assert result["trainable"] == "head" and result["restored_tensors"] == 0
@@ -301,7 +301,7 @@ def test_results_are_consistent_and_json_able(pretrained_run, splits):
 
 def test_rerun_resumes_from_the_final_checkpoint(pretrained_run, dataset, splits, pretext, mesh):
     workdir, first = pretrained_run
-    again = classify.run(
+    again = downstream.run(
         _config(), str(workdir), "pretrained", splits, dataset, init_from=pretext[0], mesh=mesh
     )
     assert again["per_case"] == first["per_case"]
@@ -327,19 +327,19 @@ def test_encoder_of_other_channels_or_dims_is_refused(tmp_path, dataset, splits,
     config = _config()
     one_channel = _copy_with_meta(pretext[0], tmp_path / "c1", in_channels=1)
     with pytest.raises(CheckpointError, match="1 input channels.*has 3"):
-        classify.run(
+        downstream.run(
             config, str(tmp_path / "w"), "probe", splits, dataset, init_from=one_channel, mesh=mesh
         )
     three_d = _copy_with_meta(pretext[0], tmp_path / "d3", spatial_dims=3)
     with pytest.raises(CheckpointError, match="pretrained in 3D.*spatial_dims is 2"):
-        classify.run(
+        downstream.run(
             config, str(tmp_path / "w"), "pretrained", splits, dataset, init_from=three_d, mesh=mesh
         )
     with pytest.raises(CheckpointError, match="init_from"):
-        classify.run(
+        downstream.run(
             config, str(tmp_path / "w"), "probe", splits, dataset, init_from=None, mesh=mesh
         )
     with pytest.raises(ConfigError, match="unknown arm"):
-        classify.run(
+        downstream.run(
             config, str(tmp_path / "w"), "frozen", splits, dataset, init_from=None, mesh=mesh
         )

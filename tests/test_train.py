@@ -4,6 +4,7 @@ of every pretext task (whole training steps across processes: tests/test_distrib
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
@@ -230,28 +231,29 @@ CONTROLS = [("pretrained", "random_warmup"), ("probe", "random_probe")]
 
 
 def test_control_arms_share_model_schedule_and_learning_rate():
-    from ssl3d_jax.train import finetune
+    from ssl3d_jax.train import arms, finetune
 
     config = rpl_config.get_config("smoke")
     config.finetune.num_steps, config.finetune.warmup_frozen_steps = 6, 2
+    parts = functools.partial(arms.trainable_parts, warmup_parts=finetune.SEGMENTATION.warmup_parts)
     for arm, control in CONTROLS:
-        assert arm in finetune.RESTORED_ARMS and control not in finetune.RESTORED_ARMS
-        assert finetune.learning_rate(config, control) == finetune.learning_rate(config, arm)
+        assert arm in arms.RESTORED_ARMS and control not in arms.RESTORED_ARMS
+        assert arms.learning_rate(config, control) == arms.learning_rate(config, arm)
         steps = range(config.finetune.num_steps)
-        schedule = [finetune.trainable_parts(config, arm, s) for s in steps]
-        assert [finetune.trainable_parts(config, control, s) for s in steps] == schedule
+        schedule = [parts(config, arm, s) for s in steps]
+        assert [parts(config, control, s) for s in steps] == schedule
         built = [
             finetune.build_model(config, in_channels=2, num_classes=3, arm=a)(nnx.Rngs(0))
             for a in (arm, control)
         ]
         assert type(built[0]) is type(built[1])
     # The warm-up: decoder alone for 2 steps, then everything; scratch trains everything at once.
-    assert [finetune.trainable_parts(config, "random_warmup", s) for s in range(3)] == [
+    assert [parts(config, "random_warmup", s) for s in range(3)] == [
         ("decoder",),
         ("decoder",),
         None,
     ]
-    assert finetune.trainable_parts(config, "scratch", 0) is None
+    assert parts(config, "scratch", 0) is None
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +281,7 @@ def test_control_is_bit_identical_to_its_arm_when_the_restore_returns_the_random
     """With the restore replaced by "keep the random encoder", the pretrained arm and its control
     give bit-identical parameters and scores: same parameter tree, decoder / read-out init, data
     order and trainable-parts schedule; the restore is their only difference."""
-    from ssl3d_jax.train import finetune
+    from ssl3d_jax.train import downstream, finetune
 
     config, dataset, splits = finetune_data
     restores, params = [], {}
@@ -294,12 +296,12 @@ def test_control_is_bit_identical_to_its_arm_when_the_restore_returns_the_random
         params.setdefault(current, jax.device_get(p))  # the trained params, at the first call
         return real_evaluate(config, dataset, graphdef, p, cases, **kwargs)
 
-    monkeypatch.setattr(finetune, "restore_encoder", keep_random_encoder)
-    monkeypatch.setattr(finetune, "check_compatible", lambda *a, **k: {})
+    monkeypatch.setattr(downstream, "restore_encoder", keep_random_encoder)
+    monkeypatch.setattr(downstream, "check_compatible", lambda *a, **k: {})
     monkeypatch.setattr(finetune, "evaluate", spy)
     results = {}
     for current in (arm, control):
-        results[current] = finetune.run(
+        results[current] = downstream.run(
             config, str(tmp_path), current, splits, dataset, init_from="/pretext/checkpoints"
         )
     assert restores == ["/pretext/checkpoints"]  # the control never restores

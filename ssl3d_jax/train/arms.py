@@ -1,14 +1,17 @@
-"""The finetuning arms and what the segmentation and classification runners share: each arm's
-schedule, its learning rate, the restore check and the TensorBoard writer.
+"""The finetuning arms (each arm's schedule, trainable parts and learning rate), the restore
+check, the TensorBoard writer, and `Scores`, what a downstream task's evaluation gives the
+generic runner.
 
-Both runners (`finetune.py`, `classify.py`) import this module and not each other;
-`downstream.run` picks the runner from the dataset.
+The runner (`downstream.py`) and the downstream tasks it runs (segmentation in `finetune.py`,
+classification in `classify.py`) import this module; the tasks import neither each other nor
+the runner.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 from ssl3d_jax import tensorboard
 from ssl3d_jax.checkpoint import Checkpointer
@@ -16,8 +19,10 @@ from ssl3d_jax.errors import CheckpointError
 
 __all__ = [
     "ARMS",
+    "PROBE_PARTS",
     "RESTORED_ARMS",
     "SCHEDULES",
+    "Scores",
     "check_compatible",
     "learning_rate",
     "open_tensorboard",
@@ -26,10 +31,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# How each arm trains (see `trainable_parts`): 'warmup' = the decoder alone for
-# `config.finetune.warmup_frozen_steps`, then everything; 'full' = everything from step 0;
-# 'probe' = a linear read-out of the frozen encoder (VoxelLinearProbe). The controls train
-# exactly as the arm of the same schedule and differ from it only in skipping the restore.
+# How each arm trains (see `trainable_parts`): 'warmup' = the task's warm-up parts (the decoder,
+# or the classification head) alone for `config.finetune.warmup_frozen_steps`, then everything;
+# 'full' = everything from step 0; 'probe' = a linear read-out of the frozen encoder. The
+# controls train exactly as the arm of the same schedule and differ from it only in skipping the
+# restore.
 SCHEDULES = {
     "pretrained": "warmup",
     "scratch": "full",
@@ -41,18 +47,22 @@ ARMS = tuple(SCHEDULES)
 # Arms whose encoder is restored from the pretraining checkpoint (all others keep the random
 # initialisation of the shared init key).
 RESTORED_ARMS = ("pretrained", "probe")
-# Top-level parts trained (None: all); the encoder of the probe arms never trains.
-_WARMUP_PARTS = ("decoder",)
-_PROBE_PARTS = ("head",)
+# The top-level part trained by the probe arms (the linear read-out); their encoder never trains.
+PROBE_PARTS = ("head",)
 
 
-def trainable_parts(config, arm: str, step: int) -> tuple[str, ...] | None:
-    """The top-level parameter parts that train at (0-based) `step` of `arm`; None: all."""
+def trainable_parts(
+    config, arm: str, step: int, *, warmup_parts: tuple[str, ...]
+) -> tuple[str, ...] | None:
+    """The top-level parameter parts that train at (0-based) `step` of `arm`; None: all.
+
+    `warmup_parts`: the parts that train alone during the frozen warm-up (the task's).
+    """
     schedule = SCHEDULES[arm]
     if schedule == "probe":
-        return _PROBE_PARTS
+        return PROBE_PARTS
     if schedule == "warmup" and step < config.finetune.warmup_frozen_steps:
-        return _WARMUP_PARTS
+        return warmup_parts
     return None
 
 
@@ -106,10 +116,25 @@ def check_compatible(init_from: str, config, dataset) -> dict:
 def open_tensorboard(config, workdir: str, phase: str, *, learning_rate: float):
     """The phase's TensorBoard writer (None when `config.tensorboard` is off or on processes
     other than 0), with the learning rate logged at step 0 (constant: no schedule)."""
-    if not config.get("tensorboard", False):
+    if not config.tensorboard:
         return None
     tb = tensorboard.Writer(tensorboard.folder(workdir, phase))
     if not tb.enabled:
         return None
     tb.scalars({"phase": phase, "step": 0, "learning_rate": float(learning_rate)})
     return tb
+
+
+class Scores(NamedTuple):
+    """A downstream task's evaluation of a list of cases.
+
+    per_case: {case_name: {score: value}} (JSON-able).
+    metrics: {score: float}, the summary over the cases (the results' `metrics` / `val_metrics`).
+    fields: further result fields of the task (read from the test cases' evaluation).
+    note: appended to the log line of the metrics ('' for none).
+    """
+
+    per_case: dict
+    metrics: dict
+    fields: dict
+    note: str = ""

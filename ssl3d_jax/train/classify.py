@@ -24,62 +24,45 @@ calibrated class probabilities, and is what the other finetuning tasks use; the 
 is still what QWK rewards, which we report. (Class imbalance, ~73% grade 0 in EyePACS, is left to
 the data; no re-weighting.)
 
-Deviations from the original as in `finetune.py`: Adam's state is kept across the unfreeze (one
+Deviations from the original as in `downstream.py`: Adam's state is kept across the unfreeze (one
 optimizer state per parameter part), the U-Net encoder replaces DenseNet121 with global MAX pooling
 (see `models/classifier.py`), and augmentation is random horizontal / vertical flips on device
 (the original also zoomed by 0.85-1.15).
 
-Settings read from an optional `config.classify` section (defaults in `DEFAULTS`): `head_hidden`
-(hidden width of the MLP head of the 'pretrained' and 'scratch' arms),
-`head_dropout` (original 0.5), `flip` (random flips in training). The MLP default is 64 wide, for
-CPU-scale runs; set `config.classify.head_hidden=1024` for the original's head.
+`CLASSIFICATION` is this task of the generic finetuning runner `downstream.run`. Settings of the
+`config.classify` section (configs/common.py): `head_hidden` (hidden width of the MLP head of the
+'pretrained' and 'scratch' arms), `head_dropout` (original 0.5), `flip` (random flips in
+training). The MLP default is 64 wide, for CPU-scale runs; set `config.classify.head_hidden=1024`
+for the original's head.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from ssl3d_jax import losses, metrics, parallel
-from ssl3d_jax.checkpoint import restore_encoder
+from ssl3d_jax import losses, metrics
 from ssl3d_jax.data import datasets
-from ssl3d_jax.errors import CheckpointError, ConfigError, DataError
+from ssl3d_jax.errors import ConfigError, DataError
 from ssl3d_jax.models.classifier import ClassificationModel
 from ssl3d_jax.models.unet import EncoderConfig
 from ssl3d_jax.progress import Progress
-from ssl3d_jax.train import arms, common
-from ssl3d_jax.train import step as step_lib
+from ssl3d_jax.train.arms import SCHEDULES, Scores
 
-log = logging.getLogger(__name__)
-
-ARMS = arms.ARMS  # pretrained, scratch, probe and the controls random_warmup, random_probe
-# Used where `config.classify` (or one of its keys) is absent.
-DEFAULTS = {"head_hidden": 64, "head_dropout": 0.0, "flip": True}
 # Test images predicted per jitted call (fixed, the last chunk is padded: one compilation).
 EVAL_BATCH = 16
-
-
-def setting(config, key: str):
-    """`config.classify.<key>`, or `DEFAULTS[key]` when the section or key is absent."""
-    section = config.get("classify") if hasattr(config, "get") else None
-    if section is not None and key in section:
-        return section[key]
-    return DEFAULTS[key]
 
 
 def build_model(config, *, in_channels: int, num_classes: int, spatial_dims: int, arm: str):
     """`rngs -> ClassificationModel`: a linear head for 'probe', an MLP head otherwise."""
     # The same encoder settings as every pretext model, so that params['encoder'] fits.
     encoder = EncoderConfig.from_config(config.model)
-    linear = arms.SCHEDULES[arm] == "probe"
-    hidden = None if linear else int(setting(config, "head_hidden"))
+    linear = SCHEDULES[arm] == "probe"
+    hidden = None if linear else int(config.classify.head_hidden)
 
     def build(rngs):
         return ClassificationModel(
@@ -87,7 +70,7 @@ def build_model(config, *, in_channels: int, num_classes: int, spatial_dims: int
             num_classes,
             spatial_dims=spatial_dims,
             hidden=hidden,
-            dropout_rate=float(setting(config, "head_dropout")),
+            dropout_rate=float(config.classify.head_dropout),
             encoder=encoder,
             rngs=rngs,
         )
@@ -129,17 +112,6 @@ def classification_loss(model, batch, key, *, flip: bool):
     return ce, {"ce": ce, "accuracy": acc}
 
 
-def _select(dataset, names, what: str) -> list:
-    by_name = {c.name: c for c in dataset.cases}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise DataError(
-            f"{what} cases {missing[:5]} are not in the dataset at {dataset.root} "
-            f"({len(by_name)} cases)"
-        )
-    return [by_name[n] for n in names]
-
-
 def confusion_matrix(y_true, y_pred, *, num_classes: int) -> np.ndarray:
     """`[K, K]` int64 counts, rows = true class, columns = predicted class."""
     out = np.zeros((num_classes, num_classes), np.int64)
@@ -147,178 +119,87 @@ def confusion_matrix(y_true, y_pred, *, num_classes: int) -> np.ndarray:
     return out
 
 
-def run(
-    config, workdir: str, arm: str, splits: dict, dataset, *, init_from: str | None, mesh=None
-) -> dict:
-    """Finetune one arm on `splits['labeled']`, evaluate on `splits['val']` (when given) and
-    `splits['test']`.
+class Classification:
+    """Classification as a `downstream.Downstream` task: `build_model`, `classification_loss`,
+    `evaluate`."""
 
-    Args:
-      config: the run's config (`config.finetune`, `config.model`, `config.data.size`, ...).
-      workdir: checkpoints go to `<workdir>/finetune/<arm>/checkpoints` (resumed when present),
-        metrics to `<workdir>/metrics.jsonl`.
-      arm: one of `ARMS`.
-      splits: {'labeled': [case names], 'test': [case names]} of `dataset`, optionally 'val'.
-      dataset: a classification `datasets.Dataset` (images layout).
-      init_from: pretraining checkpoints folder ('pretrained' and 'probe').
+    label_key = "target"
+    warmup_parts = ("head",)
 
-    Returns:
-      JSON-able results: {'metrics': {'accuracy', 'qwk'}, 'per_case': {name: {'target', 'pred',
-      'probs'}}, 'confusion' (rows true, columns predicted), 'class_names', 'arm',
-      'num_labeled', 'num_test', 'val_metrics' / 'val_per_case' (None without 'val' cases) and
-      'num_val', 'steps', 'warmup_frozen_steps', 'trainable',
-      'restored_from', 'restored_tensors'}.
-    """
-    if arm not in ARMS:
-        raise ConfigError(f"config.finetune.arms: unknown arm {arm!r}, expected one of {ARMS}")
-    if dataset.kind != "classification":
-        raise ConfigError(
-            f"config.data.root={dataset.root}: a {dataset.kind} dataset ({dataset.layout} "
-            "layout); classification finetuning needs images with grades (a labels CSV)"
-        )
-    if config.data.spatial_dims != dataset.spatial_dims:
-        raise ConfigError(
-            f"{dataset.root} holds {dataset.spatial_dims}D images, but config.data.spatial_dims "
-            f"is {config.data.spatial_dims}: use a 2D config (e.g. configs/rotation.py:2d)"
-        )
-    cfg = config.finetune
-    mesh = parallel.make_mesh() if mesh is None else mesh
-    parallel.check_batch_size(cfg.batch_size, mesh, "config.finetune.batch_size")
-    accum = step_lib.grad_accum_steps(config, "finetune", mesh)  # checked before any work
-    labeled = _select(dataset, splits["labeled"], "labeled")
-    test = _select(dataset, splits["test"], "test")
-    val = _select(dataset, splits.get("val") or [], "val")
-    unlabelled = [c.name for c in labeled + val + test if c.target is None]
-    if unlabelled:
-        raise DataError(
-            f"cases {unlabelled[:5]} of {dataset.root} have no grade in the labels CSV, but are "
-            "in the labeled / val / test split"
-        )
-    restores = arm in arms.RESTORED_ARMS
-    if restores:  # fail before any compilation
-        if not init_from:
-            raise CheckpointError(
-                f"finetune arm {arm!r} needs config.finetune.init_from "
-                "(a pretraining checkpoints folder)"
+    def check(self, config, dataset, cases: list) -> None:
+        """The config's dimensionality is the images'; every case has a grade."""
+        if config.data.spatial_dims != dataset.spatial_dims:
+            raise ConfigError(
+                f"{dataset.root} holds {dataset.spatial_dims}D images, but "
+                f"config.data.spatial_dims is {config.data.spatial_dims}: use a 2D config (e.g. "
+                "configs/rotation.py:2d)"
             )
-        arms.check_compatible(init_from, config, dataset)
-    num_classes = dataset.num_classes
-    arm_dir = os.path.join(os.path.abspath(workdir), "finetune", arm)
-    phase = f"finetune/{arm}"
+        unlabelled = [c.name for c in cases if c.target is None]
+        if unlabelled:
+            raise DataError(
+                f"cases {unlabelled[:5]} of {dataset.root} have no grade in the labels CSV, but "
+                "are in the labeled / val / test split"
+            )
 
-    # One init key for every arm: identical head init (same head type) and scratch encoder.
-    key_init, key_run = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
-    build = build_model(
-        config,
-        in_channels=dataset.in_channels,
-        num_classes=num_classes,
-        spatial_dims=config.data.spatial_dims,
-        arm=arm,
-    )
-    graphdef, params = step_lib.init_params(build, key_init, mesh)
-    restored = None
-    if restores:
-        enc, restored = restore_encoder(init_from, jax.device_get(params["encoder"]))
-        params = dict(params, encoder=parallel.replicate(enc, mesh))
+    def build_model(self, config, dataset, arm: str):
+        return build_model(
+            config,
+            in_channels=dataset.in_channels,
+            num_classes=dataset.num_classes,
+            spatial_dims=config.data.spatial_dims,
+            arm=arm,
+        )
 
-    schedule = arms.SCHEDULES[arm]
-    tx = optax.adam(arms.learning_rate(config, arm))
-    state = step_lib.create_train_state(tx, params, key_run, mesh)
-    loss_fn = functools.partial(classification_loss, flip=bool(setting(config, "flip")))
-    full_step = step_lib.jit_train_step(
-        step_lib.make_train_step(graphdef, loss_fn, tx, accum_steps=accum), mesh
-    )
-    head_step = step_lib.jit_train_step(
-        step_lib.make_train_step(graphdef, loss_fn, tx, trainable=("head",), accum_steps=accum),
-        mesh,
-    )
-    if schedule == "probe":
-        warmup, step_fn = cfg.num_steps, (lambda s: head_step)
-    else:
-        warmup = cfg.warmup_frozen_steps if schedule == "warmup" else 0
-        step_fn = lambda s: head_step if s < warmup else full_step  # noqa: E731
+    def loss(self, config, dataset):
+        del dataset
+        return functools.partial(classification_loss, flip=bool(config.classify.flip))
 
-    batches = common.train_iterator(
-        config, dataset, labeled, batch_size=cfg.batch_size, with_label=True, seed=config.seed + 1
-    )
-    meta = common.run_meta(config, dataset, phase=phase)
-    meta["arm"] = arm
-    meta["class_names"] = list(dataset.class_names)
-    meta["restored"] = restored
-    state = common.fit_arm(
-        phase=phase,
-        arm_dir=arm_dir,
-        state=state,
-        restored=restored,
-        step_fn=step_fn,
-        batches=batches,
-        keys=("image", "target"),
-        cfg=cfg,
-        workdir=workdir,
-        meta=meta,
-        mesh=mesh,
-        case_names=[c.name for c in labeled],
-        tensorboard=bool(config.get("tensorboard", False)),
-    )
+    def meta(self, dataset, arm: str) -> dict:
+        return {"arm": arm, "class_names": list(dataset.class_names)}
 
-    def score(per_case: dict) -> dict:
+    def arm_fields(self, config, arm: str) -> dict:
+        """`arm`, `warmup_frozen_steps` (the steps with the encoder frozen: all for the probe
+        arms), `trainable` ('head' for the probe arms, else 'all')."""
+        cfg = config.finetune
+        schedule = SCHEDULES[arm]
+        frozen = {"warmup": cfg.warmup_frozen_steps, "full": 0, "probe": cfg.num_steps}[schedule]
+        return {
+            "arm": arm,
+            "warmup_frozen_steps": frozen,
+            "trainable": "head" if schedule == "probe" else "all",
+        }
+
+    def score(
+        self, config, dataset, graphdef, params, cases, *, phase, out_dir=None, tb=None, tb_step=0
+    ) -> Scores:
+        """`evaluate`, summarised. The predictions are in the results (`per_case`): nothing is
+        written to `out_dir` or shown in `tb`.
+
+        Returns:
+          `Scores`: per case, `evaluate`'s; metrics `accuracy` and `qwk` (quadratic-weighted
+          kappa); fields `per_case`, `confusion` (rows true, columns predicted), `class_names`.
+        """
+        del out_dir, tb, tb_step
+        per_case = evaluate(config, dataset, graphdef, params, cases, phase=phase)
         y_true = [p["target"] for p in per_case.values()]
         y_pred = [p["pred"] for p in per_case.values()]
-        return {
+        num_classes = dataset.num_classes
+        scores = {
             "accuracy": metrics.accuracy(y_true, y_pred),
             "qwk": metrics.quadratic_weighted_kappa(y_true, y_pred, num_classes=num_classes),
         }
-
-    # Validation cases first: every choice (learning rate, steps, arm settings) is made on them.
-    val_per_case = val_scores = None
-    if val:
-        val_per_case = evaluate(config, graphdef, state.params, dataset, val, phase=phase)
-        val_scores = score(val_per_case)
-        log.info(
-            "[%s] val (%d cases): accuracy %.3f  QWK %.3f",
-            phase,
-            len(val_per_case),
-            val_scores["accuracy"],
-            val_scores["qwk"],
-        )
-    per_case = evaluate(config, graphdef, state.params, dataset, test, phase=phase)
-    y_true = [p["target"] for p in per_case.values()]
-    y_pred = [p["pred"] for p in per_case.values()]
-    scores = score(per_case)
-    lr = arms.learning_rate(config, arm)
-    tb = arms.open_tensorboard(config, workdir, phase, learning_rate=lr)
-    if tb is not None:  # opened after training (see finetune.run)
-        tb.scalars(dict(scores, phase=f"{phase}/test", step=cfg.num_steps))
-        if val_scores is not None:
-            tb.scalars(dict(val_scores, phase=f"{phase}/val", step=cfg.num_steps))
-        tb.close()
-    log.info(
-        "[%s] test (%d cases): accuracy %.3f  QWK %.3f",
-        phase,
-        len(per_case),
-        scores["accuracy"],
-        scores["qwk"],
-    )
-    return {
-        "arm": arm,
-        "metrics": scores,
-        "per_case": per_case,
-        "confusion": confusion_matrix(y_true, y_pred, num_classes=num_classes).tolist(),
-        "class_names": list(dataset.class_names),
-        "num_labeled": len(labeled),
-        "num_test": len(per_case),
-        "val_metrics": val_scores,
-        "val_per_case": val_per_case,
-        "num_val": len(val),
-        "steps": cfg.num_steps,
-        "warmup_frozen_steps": warmup,
-        "trainable": "head" if schedule == "probe" else "all",
-        "restored_from": init_from if restored else None,
-        "restored_tensors": len(restored["loaded"]) if restored else 0,
-    }
+        fields = {
+            "per_case": per_case,
+            "confusion": confusion_matrix(y_true, y_pred, num_classes=num_classes).tolist(),
+            "class_names": list(dataset.class_names),
+        }
+        return Scores(per_case, scores, fields)
 
 
-def evaluate(config, graphdef, params, dataset, cases, *, phase: str = "classify") -> dict:
+CLASSIFICATION = Classification()
+
+
+def evaluate(config, dataset, graphdef, params, cases, *, phase: str = "classify") -> dict:
     """Predict the grade of every case (no augmentation), in fixed-size padded batches, with a
     progress bar over the cases (on a terminal; else a log line per ~10 %).
 

@@ -1,27 +1,19 @@
-"""U-Net segmentation finetuning of a (pre)trained encoder, and its evaluation.
+"""U-Net segmentation finetuning of a (pre)trained encoder, and its evaluation: `SEGMENTATION`,
+the segmentation task of the generic finetuning runner `downstream.run` (which holds the arms'
+protocol).
 
-Protocol (the paper's, from the original `finetune.py`): the 'pretrained' arm restores the
-pretext encoder, trains the decoder alone for `warmup_frozen_steps` (encoder frozen), then trains
-everything; the 'scratch' arm trains the same network from random initialisation; the 'probe' arm
-keeps the restored encoder frozen and trains only a voxel-wise linear read-out of its features
-(how much of the segmentation the pretext features already hold). All arms use the same
-initialisation key, data order and steps, so the only difference is the encoder's start.
-Two controls separate what the pretext weights bring from what the protocol does: 'random_warmup'
-trains exactly as 'pretrained' (same model, decoder init, data order, learning rate and frozen
-warm-up schedule, `trainable_parts`) from the randomly initialised encoder, and 'random_probe'
-is the 'probe' read-out on a frozen randomly initialised encoder; the only difference to their
-pretrained counterparts is the skipped restore (`RESTORED_ARMS`).
-Classification datasets (2D images with grades) go to `ssl3d_jax.train.classify`.
+The 'pretrained' arm's frozen warm-up trains the decoder alone; the probe arms train a voxel-wise
+linear read-out of the frozen encoder's features (how much of the segmentation the pretext
+features already hold).
 
-Deviations from the original: Adam's state is kept across the unfreeze (the original re-created
-the optimizer), the loss is soft Dice over the tumour classes + cross-entropy, and evaluation
-reports per-case Dice of each evaluation region of the dataset (BraTS: WT/TC/ET; Decathlon: one
-per labelled structure), each on its own, never averaged with the background (the original's
-region scores were broken by a double argmax). Scores are computed in each scan's own voxel grid:
-the class probabilities on the model's cube (or, with `resize_mode='none'`, the sliding-window
-probabilities) are mapped back through the preprocessing and the argmax is taken there (as
-nnU-Net does), exactly as for the exported NIfTI prediction. HD95 scores a missed or falsely
-detected region as BraTS does (`metrics.HD95_MISSING_MM`).
+Deviations from the original: the loss is soft Dice over the tumour classes + cross-entropy, and
+evaluation reports per-case Dice of each evaluation region of the dataset (BraTS: WT/TC/ET;
+Decathlon: one per labelled structure), each on its own, never averaged with the background (the
+original's region scores were broken by a double argmax). Scores are computed in each scan's own
+voxel grid: the class probabilities on the model's cube (or, with `resize_mode='none'`, the
+sliding-window probabilities) are mapped back through the preprocessing and the argmax is taken
+there (as nnU-Net does), exactly as for the exported NIfTI prediction. HD95 scores a missed or
+falsely detected region as BraTS does (`metrics.HD95_MISSING_MM`).
 """
 
 from __future__ import annotations
@@ -33,33 +25,15 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from ssl3d_jax import inference, losses, metrics, parallel, tensorboard
-from ssl3d_jax.checkpoint import restore_encoder
 from ssl3d_jax.data import datasets, export, slices
-from ssl3d_jax.errors import CheckpointError
 from ssl3d_jax.models.probes import VoxelLinearProbe
 from ssl3d_jax.models.unet import EncoderConfig, SegmentationModel
 from ssl3d_jax.progress import Progress
 from ssl3d_jax.train import common
-from ssl3d_jax.train import data as data_lib
-from ssl3d_jax.train import step as step_lib
-
-# The arms, their schedules and what they share with classification finetuning live in
-# `train/arms.py` (imported by both runners, so neither imports the other); re-exported here.
-from ssl3d_jax.train.arms import (  # noqa: F401 (re-exported)
-    _PROBE_PARTS,
-    _WARMUP_PARTS,
-    ARMS,
-    RESTORED_ARMS,
-    SCHEDULES,
-    check_compatible,
-    learning_rate,
-    open_tensorboard,
-    trainable_parts,
-)
+from ssl3d_jax.train.arms import SCHEDULES, Scores, learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -101,167 +75,82 @@ def segmentation_loss(model, batch, key, *, num_classes: int, dice_weight: float
     return dice_weight * dice + ce_weight * ce, {"dice_loss": dice, "ce": ce}
 
 
-def run(
-    config, workdir: str, arm: str, splits: dict, dataset, *, init_from: str | None, mesh=None
-) -> dict:
-    """Finetune one arm on `splits['labeled']`, evaluate on `splits['val']` and `splits['test']`.
+class Segmentation:
+    """Segmentation as a `downstream.Downstream` task: `build_model`, `make_loss`, `evaluate`."""
 
-    `config.seed` seeds the run: the init key (decoder / read-out / random encoder), the data
-    order and the dropout keys (the experiment passes each repetition's seed in it).
+    label_key = "label"
+    warmup_parts = ("decoder",)
 
-    Returns:
-      JSON-able results: `metrics` (mean over test cases of each region's Dice, plus HD95 when
-      `config.finetune.hd95`), `val_metrics` / `val_per_case` / `num_val` (the same on the
-      validation cases, None without any: choose settings on these, never on the test
-      scores), `seed`, `n_excluded` (per metric, the test cases left out of its mean:
-      HD95 of a region absent from both prediction and truth), `dice_nearest_argmax_mean`
-      (Dice of the labels mapped back by nearest neighbour instead of the probabilities, see
-      `evaluate`), per-case scores, what was restored, the steps.
-    """
-    if dataset.kind == "classification":
-        raise CheckpointError(
-            f"{dataset.root}: classification data is finetuned by ssl3d_jax.train.classify.run "
-            "(ssl3d_jax.train.downstream.run picks the runner from the dataset)"
-        )
-    if dataset.kind != "segmentation":
-        raise CheckpointError(
-            f"{dataset.root}: {dataset.layout} data has no labels to finetune on; use it for "
-            "config.mode='pretrain' and finetune on a labelled dataset (config.finetune.init_from)"
-        )
-    if arm not in ARMS:
-        raise CheckpointError(f"config.finetune.arms: unknown arm {arm!r}, expected one of {ARMS}")
-    cfg = config.finetune
-    mesh = parallel.make_mesh() if mesh is None else mesh
-    parallel.check_batch_size(cfg.batch_size, mesh, "config.finetune.batch_size")
-    accum = step_lib.grad_accum_steps(config, "finetune", mesh)  # checked before any work
-    arm_dir = os.path.join(os.path.abspath(workdir), "finetune", arm)
-    phase = f"finetune/{arm}"
+    def check(self, config, dataset, cases: list) -> None:
+        del config, dataset, cases  # every case of a segmentation dataset has its label file
 
-    # Same init key in every arm: identical decoder init, so the arms differ only in the encoder.
-    key_init, key_run = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
-    build = build_model(
-        config, in_channels=dataset.in_channels, num_classes=dataset.num_classes, arm=arm
-    )
-    graphdef, params = step_lib.init_params(build, key_init, mesh)
-    restored = None
-    if arm in RESTORED_ARMS:  # the only difference between an arm and its random control
-        if not init_from:
-            raise CheckpointError(
-                f"finetune arm {arm!r} needs config.finetune.init_from "
-                "(a pretraining checkpoints folder)"
-            )
-        check_compatible(init_from, config, dataset)
-        enc, restored = restore_encoder(init_from, jax.device_get(params["encoder"]))
-        params = dict(params, encoder=parallel.replicate(enc, mesh))
-
-    tx = optax.adam(learning_rate(config, arm))
-    state = step_lib.create_train_state(tx, params, key_run, mesh)
-    loss_fn = make_loss(config, dataset.num_classes)
-    step_fns = {}  # trainable parts -> jitted step, built on first use
-
-    def step_fn(step):
-        parts = trainable_parts(config, arm, step)
-        if parts not in step_fns:
-            step_fns[parts] = step_lib.jit_train_step(
-                step_lib.make_train_step(graphdef, loss_fn, tx, trainable=parts, accum_steps=accum),
-                mesh,
-            )
-        return step_fns[parts]
-
-    labeled = data_lib.select(dataset.cases, splits["labeled"])
-    batches = common.train_iterator(
-        config, dataset, labeled, batch_size=cfg.batch_size, with_label=True, seed=config.seed + 1
-    )
-    meta = common.run_meta(config, dataset, phase=phase)
-    meta["restored"] = restored
-    state = common.fit_arm(
-        phase=phase,
-        arm_dir=arm_dir,
-        state=state,
-        restored=restored,
-        step_fn=step_fn,
-        batches=batches,
-        keys=("image", "label"),
-        cfg=cfg,
-        workdir=workdir,
-        meta=meta,
-        mesh=mesh,
-        case_names=[c.name for c in labeled],
-        tensorboard=bool(config.get("tensorboard", False)),
-    )
-
-    # Validation cases first: scored like the test cases, without predictions or overlays.
-    val = data_lib.select(dataset.cases, splits.get("val") or [])
-    val_per_case = val_metrics = None
-    if val:
-        val_per_case = evaluate(
-            config, dataset, graphdef, state.params, val, phase=f"{phase}/val"
-        ).scores
-        val_metrics, _ = metrics.mean_over_cases(val_per_case)
-        log.info(
-            "[%s] val (%d cases): %s",
-            phase,
-            len(val_per_case),
-            "  ".join(f"{r} {v:.3f}" for r, v in val_metrics.items()),
+    def build_model(self, config, dataset, arm: str):
+        return build_model(
+            config, in_channels=dataset.in_channels, num_classes=dataset.num_classes, arm=arm
         )
 
-    test = data_lib.select(dataset.cases, splits["test"])
-    out_dir = os.path.join(arm_dir, "predictions") if cfg.save_predictions else None
-    # Opened after training: an event file that sorts before the training loop's (which purges
-    # the steps after a resume) would have its later steps hidden by that purge.
-    lr = learning_rate(config, arm)
-    tb = open_tensorboard(config, workdir, phase, learning_rate=lr)
-    try:
+    def loss(self, config, dataset):
+        return make_loss(config, dataset.num_classes)
+
+    def meta(self, dataset, arm: str) -> dict:
+        del dataset, arm
+        return {}
+
+    def arm_fields(self, config, arm: str) -> dict:
+        """`seed`, `learning_rate`, `warmup_frozen_steps` (0 unless the arm warms up)."""
+        warmup = config.finetune.warmup_frozen_steps if SCHEDULES[arm] == "warmup" else 0
+        return {
+            "seed": int(config.seed),
+            "learning_rate": learning_rate(config, arm),
+            "warmup_frozen_steps": warmup,
+        }
+
+    def score(
+        self, config, dataset, graphdef, params, cases, *, phase, out_dir=None, tb=None, tb_step=0
+    ) -> Scores:
+        """`evaluate` (predictions written to `out_dir`, overlays to `tb`), summarised.
+
+        Returns:
+          `Scores`: per case, each region's Dice (plus HD95 when `config.finetune.hd95`);
+          metrics, their means over the cases; fields `dice_per_case` (the per-case scores),
+          `n_excluded` (per metric, the cases left out of its mean: HD95 of a region absent from
+          both prediction and truth), `dice_mean` (the regions' mean Dice),
+          `dice_nearest_argmax_mean` (mean Dice of the labels mapped back by nearest neighbour
+          instead of the probabilities, see `evaluate`), `predictions` (`out_dir`).
+        """
         per_case, nearest_per_case = evaluate(
             config,
             dataset,
             graphdef,
-            state.params,
-            test,
+            params,
+            cases,
             out_dir=out_dir,
             tb=tb,
-            tb_step=cfg.num_steps,
+            tb_step=tb_step,
             phase=phase,
         )
         # NaN scores (HD95 of a region absent from both prediction and truth) are left out of
         # the means and counted in `n_excluded`.
         summary, n_excluded = metrics.mean_over_cases(per_case)
         dice_nearest, _ = metrics.mean_over_cases(nearest_per_case)
-        if tb is not None:
-            tb.scalars(dict(summary, phase=f"{phase}/test", step=cfg.num_steps))
-            if val_metrics is not None:
-                tb.scalars(dict(val_metrics, phase=f"{phase}/val", step=cfg.num_steps))
-    finally:
-        if tb is not None:
-            tb.close()
-    dice_mean = {r: summary[r] for r, _ in dataset.regions}
-    log.info(
-        "[%s] test (%d cases): %s%s; Dice with nearest-neighbour argmax labels: %s",
-        phase,
-        len(per_case),
-        "  ".join(f"{r} {v:.3f}" for r, v in summary.items()),
-        "".join(f"  ({n} left out of {k}: absent from both)" for k, n in n_excluded.items() if n),
-        "  ".join(f"{r} {v:.3f}" for r, v in dice_nearest.items()),
-    )
-    return {
-        "metrics": summary,
-        "n_excluded": n_excluded,
-        "dice_mean": dice_mean,
-        "dice_nearest_argmax_mean": dice_nearest,
-        "dice_per_case": per_case,
-        "val_metrics": val_metrics,
-        "val_per_case": val_per_case,
-        "num_labeled": len(splits["labeled"]),
-        "num_val": len(val),
-        "num_test": len(per_case),
-        "seed": int(config.seed),
-        "learning_rate": lr,
-        "steps": cfg.num_steps,
-        "warmup_frozen_steps": cfg.warmup_frozen_steps if SCHEDULES[arm] == "warmup" else 0,
-        "restored_from": init_from if restored else None,
-        "restored_tensors": len(restored["loaded"]) if restored else 0,
-        "predictions": out_dir,
-    }
+        note = (
+            "".join(
+                f"  ({n} left out of {k}: absent from both)" for k, n in n_excluded.items() if n
+            )
+            + "; Dice with nearest-neighbour argmax labels: "
+            + "  ".join(f"{r} {v:.3f}" for r, v in dice_nearest.items())
+        )
+        fields = {
+            "dice_per_case": per_case,
+            "n_excluded": n_excluded,
+            "dice_mean": {r: summary[r] for r, _ in dataset.regions},
+            "dice_nearest_argmax_mean": dice_nearest,
+            "predictions": out_dir,
+        }
+        return Scores(per_case, summary, fields, note)
+
+
+SEGMENTATION = Segmentation()
 
 
 # Test cases shown as segmentation overlays in TensorBoard (the first ones, in split order).
