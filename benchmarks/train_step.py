@@ -143,7 +143,9 @@ def build_step(spec: dict, mesh):
     key_init, key_run = jax.random.split(jax.random.key(0))
     graphdef, params = step_lib.init_params(spec["build"], key_init, mesh)
     state = step_lib.create_train_state(spec["tx"], params, key_run, mesh)
-    accum = step_lib.grad_accum_steps(spec["config"], spec["section"], mesh)
+    accum = step_lib.grad_accum_steps(
+        spec["config"][spec["section"]], mesh, name=f"config.{spec['section']}"
+    )
     step = step_lib.jit_train_step(
         step_lib.make_train_step(graphdef, spec["loss_fn"], spec["tx"], accum_steps=accum), mesh
     )
@@ -201,7 +203,9 @@ def time_jax_step(kind: str, size: str, steps: int) -> dict:
     custom_calls = compiled.as_text().count('custom_call_target="ssl3d_onednn_conv_')
     if custom_calls or jax.default_backend() != "cpu":
         cost["flops"] = _xla_flops(kind, size)
-    accum = step_lib.grad_accum_steps(spec["config"], spec["section"], mesh)
+    accum = step_lib.grad_accum_steps(
+        spec["config"][spec["section"]], mesh, name=f"config.{spec['section']}"
+    )
     times = []
     for i in range(steps + 1):  # the first run (allocation, warm-up) is not counted
         t0 = time.perf_counter()

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
+from ssl3d_jax import tasks
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.ops.patches import grid_layout, patch_shape
 
@@ -89,7 +90,7 @@ def _sampler(config, task: str, spatial_dims: int):
     single patch per volume from one draw of the task, and the number of classes."""
     s = _section(config, task)
     p, j = int(s.patches_per_side), int(s.jitter)
-    f = float(s.get("grid_fraction", 1.0))
+    f = float(s.grid_fraction)
     n = p**spatial_dims
     if task == "rpl":
         from ssl3d_jax.tasks import rpl
@@ -376,13 +377,10 @@ def paper_jitter(cell: int) -> int:
 
 
 def task_config(task: str, size: str, dims: int = 3):
-    """`configs/<task>.py`'s config at `size` (and `2d` for dims 2), unlocked."""
-    import importlib
-
+    """The task's config file (`tasks.config_file`) at `size` (and `2d` for dims 2), unlocked."""
     if task not in TASKS:
         raise ConfigError(f"audit: task {task!r}; expected one of {TASKS}.")
-    module = importlib.import_module(f"configs.{task}")
-    return module.get_config(size + (",2d" if dims == 2 else ""))
+    return tasks.task_config(task, size + (",2d" if dims == 2 else ""))
 
 
 def load_inputs(config, *, slices_per_case: int = 8) -> tuple[np.ndarray, np.ndarray, list]:
@@ -441,7 +439,7 @@ def _variants(task: str, config, size: str, dims: int, fractions: Sequence[float
     if before is not None:
         candidates.append(("fixed grid (before)", 1.0, int(before)))
     candidates.append(
-        (f"configs/{task}.py", float(section.get("grid_fraction", 1.0)), int(section.jitter))
+        (f"configs/{task}.py", float(section.grid_fraction), int(section.jitter))
     )
     for f in fractions:
         cell = grid_layout(shape, patches_per_side=p, grid_fraction=float(f))[0][0]

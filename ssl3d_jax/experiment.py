@@ -302,7 +302,7 @@ def _protocol_notes(config, dataset) -> str:
     return (
         f"Dataset: {dataset.name} ({dataset.layout} layout at {dataset.root}), "
         f"{len(dataset.cases)} cases: {config.data.num_test} held out for testing, "
-        f"{config.data.get('num_val', 0)} for validation (scored in each result.json's "
+        f"{config.data.num_val} for validation (scored in each result.json's "
         "`val_metrics`, never pretrained on), the rest for training (pretraining and the "
         f"labelled subsets). Arms: {', '.join(config.experiment.arms)}; {reps} repetition(s) "
         "per fraction, repetition r with its own labelled subsets and its own pretraining and "

@@ -113,3 +113,22 @@ def test_a_cycle_through_an_in_function_import_is_found(tmp_path):
     assert cycles(import_graph(pkg)) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
     (pkg / "c.py").write_text("")
     assert cycles(import_graph(pkg)) == []
+
+
+def test_the_library_does_not_import_the_repository_configs_package():
+    # The configs/ folder is the repository's (and the CLI's); the library reads a task's config
+    # file by path (ssl3d_jax.tasks.task_config), so it works wherever the files are.
+    found = []
+    for name, f in module_files(ROOT / "ssl3d_jax").items():
+        source = f.read_text()
+        for node in ast.walk(ast.parse(source, str(f))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            else:
+                continue
+            found += [f"{name}: import {t}" for t in targets if t.split(".")[0] == "configs"]
+        if 'import_module(f"configs.' in source or "import_module('configs." in source:
+            found.append(f"{name}: importlib.import_module('configs.…')")
+    assert not found, found

@@ -140,8 +140,15 @@ def test_config_errors_name_the_key():
     config.finetune.batch_size = 16
     config.finetune.grad_accum_steps = 4
     with pytest.raises(ConfigError, match=r"config\.finetune\.grad_accum_steps=4"):
-        step_lib.grad_accum_steps(config, "finetune", parallel.make_mesh())  # 16 / 4 on 8 devices
-    assert step_lib.grad_accum_steps(config, "finetune", parallel.make_mesh(jax.devices()[:1])) == 4
+        step_lib.grad_accum_steps(
+            config.finetune, parallel.make_mesh(), name="config.finetune"
+        )  # 16 / 4 on 8 devices
+    assert (
+        step_lib.grad_accum_steps(
+            config.finetune, parallel.make_mesh(jax.devices()[:1]), name="config.finetune"
+        )
+        == 4
+    )
     # Exemplar needs two volumes per micro-batch (a volume's negative is another one).
     config = _config("exemplar")
     config.pretrain.grad_accum_steps = config.pretrain.batch_size

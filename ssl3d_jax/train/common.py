@@ -36,7 +36,7 @@ def make_preprocess(config, dataset, *, keep_geometry: bool = False) -> preproce
         ct_window=tuple(d.ct_window),
         spacing=tuple(d.spacing) if d.spacing else None,
         crop_foreground=d.crop_foreground,
-        background=d.get("background", "zero"),
+        background=d.background,
         keep_geometry=keep_geometry,
     )
 
@@ -201,7 +201,7 @@ def run_meta(config, dataset, *, phase: str) -> dict:
             "ct_window": list(d.ct_window) if dataset.modality == "ct" else None,
             "spacing": list(d.spacing) if d.spacing else None,
             "crop_foreground": d.crop_foreground,
-            "background": d.get("background", "zero") if dataset.modality == "mri" else None,
+            "background": d.background if dataset.modality == "mri" else None,
         },
         "dataset": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root)},
         "config": config.to_dict()

@@ -73,7 +73,7 @@ def base_split(config, dataset) -> dict:
     return make_splits(
         names,
         num_test=config.data.num_test,
-        num_val=config.data.get("num_val", 0),
+        num_val=config.data.num_val,
         num_labeled=num_labeled,
         seed=config.seed,
     )

@@ -54,7 +54,9 @@ def run(config, workdir: str, dataset, cases: list, *, mesh=None, val_cases=None
     cfg = config.pretrain
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_batch_size(cfg.batch_size, mesh, "config.pretrain.batch_size")
-    accum = step_lib.grad_accum_steps(config, "pretrain", mesh)  # checked before any work
+    accum = step_lib.grad_accum_steps(
+        config.pretrain, mesh, name="config.pretrain"
+    )  # checked before any work
     common.log_devices(mesh)
     in_channels = dataset.in_channels
     task = tasks.get_task(config, in_channels=in_channels)
@@ -98,7 +100,7 @@ def run(config, workdir: str, dataset, cases: list, *, mesh=None, val_cases=None
         if latest is not None:
             log.info("Resuming pretraining from step %d in %s", latest, ckpt_dir)
             state = restored
-        if config.get("tensorboard", False):
+        if config.tensorboard:
             log_start(config, dataset, cases, workdir, start=latest or 0)
 
         def loss_fn(model, batch, key):
@@ -125,7 +127,7 @@ def run(config, workdir: str, dataset, cases: list, *, mesh=None, val_cases=None
             mesh=mesh,
             probes=probe_list,
             case_names=[c.name for c in cases],
-            tensorboard=bool(config.get("tensorboard", False)),
+            tensorboard=bool(config.tensorboard),
             chance=task.chance,
         )
         report_pretext(workdir, task, ckpt=ckpt)

@@ -70,15 +70,14 @@ def check_accum_steps(accum_steps, batch_size: int, num_devices: int, *, key: st
     return accum_steps
 
 
-def grad_accum_steps(config, section: str, mesh) -> int:
-    """`config.<section>.grad_accum_steps` (1 when absent), checked against
-    `config.<section>.batch_size` and the devices of `mesh` (`check_accum_steps`)."""
-    cfg = config[section]
+def grad_accum_steps(section, mesh, *, name: str) -> int:
+    """`section.grad_accum_steps` of the config section `name` (e.g. `config.pretrain`), checked
+    against `section.batch_size` and the devices of `mesh` (`check_accum_steps`)."""
     return check_accum_steps(
-        cfg.get("grad_accum_steps", 1),
-        int(cfg.batch_size),
+        section.grad_accum_steps,
+        int(section.batch_size),
         mesh.devices.size,
-        key=f"config.{section}.grad_accum_steps",
+        key=f"{name}.grad_accum_steps",
     )
 
 
