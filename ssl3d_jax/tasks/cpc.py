@@ -33,7 +33,8 @@ other volume. The train step runs on global arrays sharded over the 'data' mesh,
 all-gather); the loss is the same on 1 or 8 devices for the same global batch. With gradient
 accumulation (`config.pretrain.grad_accum_steps = k > 1`) the loss only ever sees one micro-batch
 of B / k volumes, so the candidates are `B / k * P**n` latents: a different, easier task than the
-batch of B, not the same gradient computed in pieces (`make_task` logs a warning).
+batch of B, not the same gradient computed in pieces (`Task.couples_batch`: `tasks.get_task`
+warns).
 
 Deliberate deviations from the original code:
   * Random grid position (`config.cpc.grid_fraction` < 1, `ops/patches.py`): the grid spans only

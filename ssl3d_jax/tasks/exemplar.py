@@ -45,7 +45,7 @@ Deliberate deviations from the original code:
     nothing in the model mixes samples: GroupNorm, no BatchNorm). Needs batch size >= 2. With
     gradient accumulation (`config.pretrain.grad_accum_steps = k > 1`) "the batch" is each
     micro-batch of B / k volumes: negatives (random or batch-hard) come from fewer volumes, which
-    changes the task (`make_task` logs a warning and needs B / k >= 2).
+    changes the task (`tasks.get_task` warns, `Task.min_batch`: B / k >= 2).
   * Option `batch_hard=True` (default off): for each anchor the hardest negative, i.e. the
     nearest embedding among both views of all OTHER volumes of the global batch (2B - 2
     candidates), as in Hermans et al. 2017: once random negatives satisfy the margin they give
