@@ -59,9 +59,10 @@ class Task:
         for a K-way classification. Logged beside the metrics (`chance_<metric>`), and the end of
         pretraining warns when the loss stays near `chance['loss']`. Metrics without a fixed
         chance value (e.g. Exemplar's distances) are absent; `{}` when unknown.
-      sample: `(volumes, key) -> {name: array}`, pure and jit-able: one draw of what the loss
-        feeds the network (patches, labels, views) from `volumes [B, *spatial, C]` (B >= 2), as
-        the loss draws it; for figures (`ssl3d_jax.visualize`) and the input benchmarks.
+      sample: `(volumes, key) -> {name: array [B, ...]}`, pure and jit-able: one draw of what
+        the loss feeds the network (patches, labels, views) from `volumes [B, *spatial, C]`
+        (B >= 2), as the loss draws it, the batch axis first; for figures
+        (`ssl3d_jax.visualize`).
       plot: `(sample, volumes, *, names, channel) -> (Figure, panels)` drawing volume 0 of a
         `sample` (numpy arrays) with `ssl3d_jax.figures`; `names` are the case names of
         `volumes`. None: `figures.plot_sample`, a generic picture of every sampled array.

@@ -368,15 +368,15 @@ def make_task(config, *, in_channels: int):
     }
 
     def sample(volumes, key):
-        # Volume 0 under every class (the key is not used: the figure shows them all).
-        return {
-            "rotated": jnp.stack([rotate(volumes[0], c) for c in range(num_classes(spatial_dims))])
-        }
+        # Each volume under every class, `[B, K, *spatial, C]` (the key is not used: the figure
+        # shows them all).
+        classes = range(num_classes(spatial_dims))
+        return {"rotated": jnp.stack([jax.vmap(rotate, (0, None))(volumes, c) for c in classes], 1)}
 
     def plot(s, volumes, *, names, channel):
         from ssl3d_jax import figures
 
-        return figures.plot_rotation(s["rotated"], rotation_table(spatial_dims), channel=channel)
+        return figures.plot_rotation(s["rotated"][0], rotation_table(spatial_dims), channel=channel)
 
     return Task(
         name="rotation",
