@@ -60,6 +60,7 @@ from ssl3d_jax.errors import ConfigError
 
 __all__ = [
     "spatial_planes",
+    "flip_where",
     "random_flip",
     "rot90",
     "random_rot90",
@@ -198,7 +199,24 @@ def random_flip(x: jax.Array, key: jax.Array, *, prob: float = 0.5) -> jax.Array
     """
     n = _spatial_dims(x)
     flags = jax.random.bernoulli(key, prob, (n,))
-    return _gather_about_centre(x, _flip_matrix(flags))
+    return flip_where(x, [flags[a] for a in range(n)], range(n))
+
+
+def flip_where(x: jax.Array, flags: Sequence[jax.Array], axes: Sequence[int]) -> jax.Array:
+    """`x` reversed along each of `axes` where the matching traced bool of `flags` holds.
+
+    The one flip that the random flips here, in `train/classify.py` and in `tasks/cpc.py` share;
+    each draws its own `flags` (their random draws differ, so each keeps its own).
+
+    Args:
+      x: any array.
+      flags: one bool per axis, each a scalar or broadcastable against `x` (e.g. `[B, 1, 1, 1]`
+        for a flag per batch element).
+      axes: static axes of `x`, one per flag.
+    """
+    for flag, axis in zip(flags, axes, strict=True):
+        x = jnp.where(flag, jnp.flip(x, axis), x)
+    return x
 
 
 def _check_square(x: jax.Array, plane: tuple[int, int]) -> None:
