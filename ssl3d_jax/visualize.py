@@ -374,13 +374,6 @@ def plot_exemplar(
     return fig, panels
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks (1.0 when both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
-
-
 def plot_segmentation(
     image: np.ndarray, true: np.ndarray, pred: np.ndarray, *, title: str = ""
 ) -> tuple[Figure, dict]:
@@ -389,6 +382,8 @@ def plot_segmentation(
     Args:
       image: `[h, w]` float, the scan slice; true, pred: `[h, w]` int labels (0 = background).
     """
+    from ssl3d_jax import metrics
+
     panels = {"image": np.asarray(image, np.float32), "true": true, "pred": pred}
     fig = _figure("segmentation")
     axes = fig.subplots(1, 3)
@@ -400,7 +395,7 @@ def plot_segmentation(
             masked = np.ma.masked_equal(np.asarray(lab), 0)
             ax.imshow(masked, cmap="autumn", vmin=1, vmax=vmax, alpha=0.6, interpolation="nearest")
     fig.suptitle(
-        f"{title}  foreground Dice on this slice {dice(true > 0, pred > 0):.3f}", fontsize=9
+        f"{title}  foreground Dice on this slice {metrics.dice(true > 0, pred > 0):.3f}", fontsize=9
     )
     return fig, panels
 
@@ -692,7 +687,8 @@ class _ListSource:
 def segmentation_figures(config, workdir: str, dataset) -> list[tuple[str, Figure]]:
     """`(arm, Figure)` per finetuning arm with saved predictions: the case
     `config.visualize.case` (else the first predicted case), on the axial slice with the most
-    true foreground; scan channel `config.visualize.channel`."""
+    true foreground (the middle one without any); scan channel `config.visualize.channel`."""
+    from ssl3d_jax import tensorboard
     from ssl3d_jax.data import nifti
 
     by_name = {c.name: c for c in dataset.cases}
@@ -724,7 +720,7 @@ def segmentation_figures(config, workdir: str, dataset) -> list[tuple[str, Figur
                 scan.shape,
             )
             continue
-        z = int(np.argmax((true > 0).sum(axis=(0, 1))))
+        z = tensorboard.best_slice(true, axis=_AXIAL)
         fig, _ = plot_segmentation(
             scan[:, :, z],
             true[:, :, z],
