@@ -8,10 +8,9 @@ Both runners (`finetune.py`, `classify.py`) import this module and not each othe
 from __future__ import annotations
 
 import logging
-import os
 
 from ssl3d_jax import tensorboard
-from ssl3d_jax.checkpoint import Checkpointer
+from ssl3d_jax.checkpoint import open_pretrained
 from ssl3d_jax.errors import CheckpointError
 
 __all__ = [
@@ -71,12 +70,7 @@ def check_compatible(init_from: str, config, dataset) -> dict:
     Returns:
       the checkpoint's meta.
     """
-    if not os.path.isdir(init_from):
-        raise CheckpointError(
-            f"pretraining checkpoint folder {init_from} does not exist (set "
-            "config.finetune.init_from, or run the pretraining first with config.mode)"
-        )
-    with Checkpointer(init_from, create=False) as ckpt:
+    with open_pretrained(init_from) as ckpt:
         meta = ckpt.read_meta()
     spec = meta.get("input", {})
     dims = spec.get("spatial_dims")
