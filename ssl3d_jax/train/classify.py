@@ -56,6 +56,7 @@ from ssl3d_jax.ops import augment
 from ssl3d_jax.progress import Progress
 from ssl3d_jax.tasks import encoder_config
 from ssl3d_jax.train import arms, common
+from ssl3d_jax.train import data as data_lib
 from ssl3d_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -132,14 +133,7 @@ def classification_loss(model, batch, key, *, flip: bool):
 
 
 def _select(dataset, names, what: str) -> list:
-    by_name = {c.name: c for c in dataset.cases}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise DataError(
-            f"{what} cases {missing[:5]} are not in the dataset at {dataset.root} "
-            f"({len(by_name)} cases)"
-        )
-    return [by_name[n] for n in names]
+    return data_lib.select(dataset.cases, names, what, f"the dataset at {dataset.root}")
 
 
 def confusion_matrix(y_true, y_pred, *, num_classes: int) -> np.ndarray:
