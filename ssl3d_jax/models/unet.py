@@ -297,8 +297,10 @@ class SegmentationModel(nnx.Module):
     The attribute name `encoder` is part of the checkpoint contract: finetuning restores
     `params['encoder']` from a pretraining checkpoint.
 
-    `dtype` (compute dtype), `remat` and `conv_impl` go to both the encoder and the decoder;
-    `downsample` to the encoder.
+    Keyword arguments other than `spatial_dims`, `downsample` and `rngs` are those the encoder
+    and the decoder both take, with their defaults (`Encoder3D`: filters, bottom_filters,
+    num_groups, dropout_rate, dtype (compute dtype), remat, conv_impl); `downsample` goes to the
+    encoder only.
 
     Call:
       `x [B, *spatial, in_channels]` -> logits `[B, *spatial, num_classes]` float32, spatial =
@@ -311,41 +313,16 @@ class SegmentationModel(nnx.Module):
         num_classes: int,
         *,
         spatial_dims: int = 3,
-        filters: Sequence[int] = (16, 32, 64, 128),
-        bottom_filters: int = 256,
-        num_groups: int = 8,
-        dropout_rate: float = 0.0,
-        dtype=None,
-        remat: bool = False,
-        conv_impl: str = "xla",
         downsample: str = "max_pool",
         rngs: nnx.Rngs,
+        **kwargs,
     ):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.encoder = Encoder3D(
-            in_channels,
-            spatial_dims=self.spatial_dims,
-            filters=filters,
-            bottom_filters=bottom_filters,
-            num_groups=num_groups,
-            dropout_rate=dropout_rate,
-            dtype=dtype,
-            remat=remat,
-            conv_impl=conv_impl,
-            downsample=downsample,
-            rngs=rngs,
+            in_channels, spatial_dims=self.spatial_dims, downsample=downsample, rngs=rngs, **kwargs
         )
         self.decoder = UNetDecoder(
-            spatial_dims=self.spatial_dims,
-            filters=filters,
-            bottom_filters=bottom_filters,
-            num_classes=num_classes,
-            num_groups=num_groups,
-            dropout_rate=dropout_rate,
-            dtype=dtype,
-            remat=remat,
-            conv_impl=conv_impl,
-            rngs=rngs,
+            spatial_dims=self.spatial_dims, num_classes=num_classes, rngs=rngs, **kwargs
         )
 
     def __call__(
