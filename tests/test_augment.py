@@ -18,15 +18,7 @@ N = 6  # inputs per vmapped batch
 DIMS = [2, 3]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA without most optimisations for this module: much faster compiles of these tiny
-    programs on 2 cores (measured for the exemplar smoke model, 2D + 3D, init + loss-and-grad
-    compile + 25 steps: 30 s -> 12 s of CPU). Restored afterwards for other test modules."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest.py
 
 
 def _shape(dims, channels=2):
