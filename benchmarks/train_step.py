@@ -766,7 +766,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    if os.environ.get(_STEP_CHILD_ENV):
-        _step_child(*json.loads(os.environ[_STEP_CHILD_ENV]))
-    else:
-        main()
+    import common
+
+    common.child_or_main(_STEP_CHILD_ENV, _step_child, main)
