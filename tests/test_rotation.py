@@ -16,7 +16,7 @@ from configs import rotation as rotation_config
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.tasks import get_task, rotation
 from ssl3d_jax.train import step as step_lib
-from pretext_util import adam_steps, on_one_and_eight_devices
+from check_util import adam_steps, on_one_and_eight_devices
 
 SIZE = 12  # 12 -> 6 -> 3 bottom -> 2 pooled: 2^d x 8 head inputs
 ENC = dict(filters=(4, 8), bottom_filters=8, num_groups=1)

@@ -16,7 +16,7 @@ from flax import nnx
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.ops.patches import extract_grid
 from ssl3d_jax.tasks import rpl
-from pretext_util import adam_steps
+from check_util import adam_steps
 
 P, J = 3, 2
 SIDE = 15  # cells of 5, patches of 3

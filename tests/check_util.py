@@ -1,9 +1,9 @@
-"""Shared steps of the pretext-task tests (tests/test_cpc.py, test_exemplar.py, test_jigsaw.py,
-test_rotation.py, test_rpl.py)."""
+"""Steps and checks shared by test modules (pretext tasks, augmentations, patches)."""
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 import optax
 
 from ssl3d_jax import parallel
@@ -34,3 +34,13 @@ def on_one_and_eight_devices(fn, params, volumes) -> list:
         results.append(jax.device_get(fn(p, batch)))
     assert len(jax.devices()) == 8
     return results
+
+
+def assert_decided_by_key(fn, x, key, other_key) -> list:
+    """`fn(x, key)` twice gives equal outputs (every leaf), `fn(x, other_key)` a different first
+    leaf; returns the first call's leaves."""
+    a, b, c = (jax.tree.leaves(fn(x, k)) for k in (key, key, other_key))
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+    return a
