@@ -1,4 +1,5 @@
-"""Pieces every benchmark script shares: the CPU's name and writing `<name>.{json,md}`."""
+"""Pieces every benchmark script shares: the CPU's name, writing `<name>.{json,md}`, child
+processes."""
 
 from __future__ import annotations
 
@@ -49,6 +50,15 @@ def run_child(script: str, env_var: str, payload, env: dict | None = None) -> di
     if res.returncode:
         raise RuntimeError(f"{script} {payload} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def child_or_main(env_var: str, child, main) -> None:
+    """A script's entry point: `child(*payload)` in a process that `run_child` started (the JSON
+    payload in `$env_var`), else `main()`."""
+    if os.environ.get(env_var):
+        child(*json.loads(os.environ[env_var]))
+    else:
+        main()
 
 
 def report_header(script: str, argv) -> dict:

@@ -558,7 +558,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    if os.environ.get(_THREADS_CHILD_ENV):
-        _threads_child(*json.loads(os.environ[_THREADS_CHILD_ENV]))
-    else:
-        main()
+    import common
+
+    common.child_or_main(_THREADS_CHILD_ENV, _threads_child, main)

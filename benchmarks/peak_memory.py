@@ -102,7 +102,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    if os.environ.get(_CHILD_ENV):
-        _child(*json.loads(os.environ[_CHILD_ENV]))
-    else:
-        main()
+    import common
+
+    common.child_or_main(_CHILD_ENV, _child, main)

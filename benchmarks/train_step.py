@@ -261,6 +261,23 @@ def torch_twin(kind: str, size: str):
     s = spec_cfg.data.size
     b, lr = spec_cfg.pretrain.batch_size, spec_cfg.pretrain.learning_rate
     ce = torch.nn.functional.cross_entropy
+
+    def grid_patch(section) -> tuple:  # the patch shape of a grid task's section
+        return patch_shape(
+            (s, s, s, IN_CHANNELS),
+            patches_per_side=section.patches_per_side,
+            jitter=section.jitter,
+            grid_fraction=section.get("grid_fraction", 1.0),
+        )
+
+    def classification(model, x, num_classes: int):  # cross-entropy against random labels
+        y = torch.randint(0, num_classes, (b,), generator=gen)
+
+        def loss(model, x):
+            return ce(model(x), y)
+
+        return model, x, loss, lr
+
     if kind == "finetune/full":
         model = torch_models.SegmentationModel(IN_CHANNELS, NUM_CLASSES, **widths)
         b, s = spec_cfg.finetune.batch_size, spec_cfg.data.size
@@ -276,21 +293,10 @@ def torch_twin(kind: str, size: str):
         return model, x, loss, spec_cfg.finetune.learning_rate
     if kind == "pretext/rpl":
         r = spec_cfg.rpl
-        p = patch_shape(
-            (s, s, s, IN_CHANNELS),
-            patches_per_side=r.patches_per_side,
-            jitter=r.jitter,
-            grid_fraction=r.get("grid_fraction", 1.0),
-        )
         ncls = r.patches_per_side**3 - 1
         model = torch_models.RPLModel(IN_CHANNELS, ncls, head_hidden=tuple(r.head_hidden), **widths)
-        x = torch.randn(b, 2, IN_CHANNELS, *p, generator=gen)
-        y = torch.randint(0, ncls, (b,), generator=gen)
-
-        def loss(model, x):
-            return ce(model(x), y)
-
-        return model, x, loss, lr
+        x = torch.randn(b, 2, IN_CHANNELS, *grid_patch(r), generator=gen)
+        return classification(model, x, ncls)
     if kind == "pretext/rotation":
         from ssl3d_jax.tasks import rotation
 
@@ -300,42 +306,20 @@ def torch_twin(kind: str, size: str):
             IN_CHANNELS, s, head_hidden=hidden, num_classes=ncls, **widths
         )
         x = torch.randn(b, IN_CHANNELS, s, s, s, generator=gen)  # already rotated
-        y = torch.randint(0, ncls, (b,), generator=gen)
-
-        def loss(model, x):
-            return ce(model(x), y)
-
-        return model, x, loss, lr
+        return classification(model, x, ncls)
     if kind == "pretext/jigsaw":
         j = spec_cfg.jigsaw
-        p = patch_shape(
-            (s, s, s, IN_CHANNELS),
-            patches_per_side=j.patches_per_side,
-            jitter=j.jitter,
-            grid_fraction=j.get("grid_fraction", 1.0),
-        )
         n, k = j.patches_per_side**3, int(j.num_permutations)
         model = torch_models.JigsawModel(
             IN_CHANNELS, n, k, head_hidden=tuple(j.head_hidden), **widths
         )
-        x = torch.randn(b, n, IN_CHANNELS, *p, generator=gen)  # already shuffled
-        y = torch.randint(0, k, (b,), generator=gen)
-
-        def loss(model, x):
-            return ce(model(x), y)
-
-        return model, x, loss, lr
+        x = torch.randn(b, n, IN_CHANNELS, *grid_patch(j), generator=gen)  # already shuffled
+        return classification(model, x, k)
     if kind == "pretext/cpc":
         from ssl3d_jax.tasks import cpc
 
         c = spec_cfg.cpc
         pps = int(c.patches_per_side)
-        p = patch_shape(
-            (s, s, s, IN_CHANNELS),
-            patches_per_side=pps,
-            jitter=c.jitter,
-            grid_fraction=c.get("grid_fraction", 1.0),
-        )
         targets = torch.as_tensor(cpc.target_indices(pps, 3), dtype=torch.long)  # [cols, K]
         model = torch_models.CPCModel(
             IN_CHANNELS,
@@ -345,7 +329,7 @@ def torch_twin(kind: str, size: str):
             int(c.gru_units),
             **widths,
         )
-        x = torch.randn(b, pps**3, IN_CHANNELS, *p, generator=gen)  # augmented grid patches
+        x = torch.randn(b, pps**3, IN_CHANNELS, *grid_patch(c), generator=gen)  # grid patches
         temperature = float(c.temperature)
 
         def loss(model, x):
@@ -770,7 +754,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    if os.environ.get(_STEP_CHILD_ENV):
-        _step_child(*json.loads(os.environ[_STEP_CHILD_ENV]))
-    else:
-        main()
+    import common
+
+    common.child_or_main(_STEP_CHILD_ENV, _step_child, main)

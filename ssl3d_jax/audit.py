@@ -438,9 +438,7 @@ def _variants(task: str, config, size: str, dims: int, fractions: Sequence[float
     candidates = []
     if before is not None:
         candidates.append(("fixed grid (before)", 1.0, int(before)))
-    candidates.append(
-        (f"configs/{task}.py", float(section.grid_fraction), int(section.jitter))
-    )
+    candidates.append((f"configs/{task}.py", float(section.grid_fraction), int(section.jitter)))
     for f in fractions:
         cell = grid_layout(shape, patches_per_side=p, grid_fraction=float(f))[0][0]
         candidates.append(("random grid", float(f), paper_jitter(cell)))

@@ -268,6 +268,17 @@ def _flatten(tree: dict) -> dict[str, object]:
     return flat
 
 
+def open_pretrained(ckpt_dir: str | os.PathLike) -> Checkpointer:
+    """A read-only `Checkpointer` over a pretraining run's `checkpoints` folder, or a
+    `CheckpointError` that says what to set when the folder does not exist."""
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(
+            f"pretraining checkpoint folder {os.fspath(ckpt_dir)} does not exist (set "
+            "config.finetune.init_from, or run the pretraining first with config.mode)"
+        )
+    return Checkpointer(ckpt_dir, create=False)
+
+
 def restore_encoder(ckpt_dir: str | os.PathLike, encoder_params: dict, *, part: str = "encoder"):
     """Load `params[part]` of the latest pretraining checkpoint into `encoder_params`.
 
@@ -290,12 +301,7 @@ def restore_encoder(ckpt_dir: str | os.PathLike, encoder_params: dict, *, part: 
       leaf with a different shape.
     """
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
-    if not os.path.isdir(ckpt_dir):
-        raise CheckpointError(
-            f"pretraining checkpoint folder {ckpt_dir} does not exist "
-            "(set config.finetune.init_from, or run the pretraining first)"
-        )
-    with Checkpointer(ckpt_dir, create=False) as ckpt:
+    with open_pretrained(ckpt_dir) as ckpt:
         step = ckpt.latest_step()
         if step is None:
             raise CheckpointError(f"no checkpoint step in {ckpt_dir}")

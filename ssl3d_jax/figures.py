@@ -23,6 +23,8 @@ from matplotlib import colors
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ssl3d_jax import metrics
+
 # Figure sizes in inches (width, height); pixels = inches * config.visualize.dpi.
 FIGSIZE = {
     "rpl": (10.0, 3.5),
@@ -35,7 +37,7 @@ FIGSIZE = {
     "curves": (10.0, 4.0),
 }
 
-_AXIAL = 2  # = data.slices.AXIAL_AXIS (kept literal so this module imports no data code)
+AXIAL = 2  # = data.slices.AXIAL_AXIS (kept literal so this module imports no data code)
 _CONTEXT, _TARGET = "tab:blue", "tab:red"
 
 
@@ -49,7 +51,7 @@ def to_2d(x: np.ndarray, *, channel: int = 0) -> np.ndarray:
     `[d, h]`; `[h, w, C]` → `[h, w]`. float32."""
     x = np.asarray(x, np.float32)
     if x.ndim == 4:
-        x = np.take(x, x.shape[_AXIAL] // 2, axis=_AXIAL)
+        x = np.take(x, x.shape[AXIAL] // 2, axis=AXIAL)
     if x.ndim != 3:
         raise ValueError(f"to_2d expects [d, h, w, C] or [h, w, C], got shape {x.shape}")
     return x[..., channel]
@@ -382,13 +384,6 @@ def plot_sample(
     return fig, panels
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks (1.0 when both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
-
-
 def plot_segmentation(
     image: np.ndarray, true: np.ndarray, pred: np.ndarray, *, title: str = ""
 ) -> tuple[Figure, dict]:
@@ -408,7 +403,7 @@ def plot_segmentation(
             masked = np.ma.masked_equal(np.asarray(lab), 0)
             ax.imshow(masked, cmap="autumn", vmin=1, vmax=vmax, alpha=0.6, interpolation="nearest")
     fig.suptitle(
-        f"{title}  foreground Dice on this slice {dice(true > 0, pred > 0):.3f}", fontsize=9
+        f"{title}  foreground Dice on this slice {metrics.dice(true > 0, pred > 0):.3f}", fontsize=9
     )
     return fig, panels
 

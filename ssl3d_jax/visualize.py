@@ -133,7 +133,8 @@ class _ListSource:
 def segmentation_figures(config, workdir: str, dataset) -> list:
     """`(arm, Figure)` per finetuning arm with saved predictions: the case
     `config.visualize.case` (else the first predicted case), on the axial slice with the most
-    true foreground; scan channel `config.visualize.channel`."""
+    true foreground (the middle one without any); scan channel `config.visualize.channel`."""
+    from ssl3d_jax import tensorboard
     from ssl3d_jax.data import nifti
 
     by_name = {c.name: c for c in dataset.cases}
@@ -165,7 +166,7 @@ def segmentation_figures(config, workdir: str, dataset) -> list:
                 scan.shape,
             )
             continue
-        z = int(np.argmax((true > 0).sum(axis=(0, 1))))
+        z = tensorboard.best_slice(true, axis=figures.AXIAL)
         fig, _ = figures.plot_segmentation(
             scan[:, :, z],
             true[:, :, z],

@@ -12,21 +12,14 @@ import pytest
 
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.ops import augment as aug
+from check_util import assert_decided_by_key
 
 SIDE = 9  # odd: the centre voxel is a voxel, and rotations / zooms about it keep it
 N = 6  # inputs per vmapped batch
 DIMS = [2, 3]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA without most optimisations for this module: much faster compiles of these tiny
-    programs on 2 cores (measured for the exemplar smoke model, 2D + 3D, init + loss-and-grad
-    compile + 25 steps: 30 s -> 12 s of CPU). Restored afterwards for other test modules."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest.py
 
 
 def _shape(dims, channels=2):
@@ -178,11 +171,7 @@ def test_zoom(dims):
 @pytest.mark.parametrize("dims", DIMS)
 def test_augment_determinism_and_variation(dims):
     x = jax.random.normal(jax.random.key(3), (N, *_shape(dims)))
-    a = _jv("augment")(x, _keys(7))
-    b = _jv("augment")(x, _keys(7))
-    c = _jv("augment")(x, _keys(8))
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    (a,) = assert_decided_by_key(_jv("augment"), x, _keys(7), _keys(8))
     assert a.shape == x.shape and a.dtype == x.dtype
 
 

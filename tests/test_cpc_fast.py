@@ -56,13 +56,31 @@ def _reference(
     return jax.vmap(one)(volumes, jax.random.split(key, volumes.shape[0]))
 
 
+# The static arguments of `make_batch` a case's fields give, in the cases' order.
+_FIELDS = ("patches_per_side", "jitter", "volume_crop", "patch_crop", "flip", "training")
+
+
 @functools.cache
-def _pair(**kw):
-    kw = dict(kw)
+def _pair(*fields, grid_fraction=1.0):
+    """`make_batch` and `_reference`, jitted, with the static arguments of a case's fields."""
+    kw = dict(zip(_FIELDS, fields, strict=True), grid_fraction=grid_fraction)
     return (
         jax.jit(functools.partial(cpc.make_batch, **kw)),
         jax.jit(functools.partial(_reference, **kw)),
     )
+
+
+def _bit_identical(ours, ref, x, seeds) -> list:
+    """`ours` and `ref` on `x` for each seed's key: same shape, dtype and raw bits; the outputs
+    `(got, want)` per seed as NumPy arrays."""
+    out = []
+    for seed in seeds:
+        got, want = ours(x, jax.random.key(seed)), ref(x, jax.random.key(seed))
+        assert got.shape == want.shape and got.dtype == want.dtype == x.dtype
+        got, want = np.asarray(got), np.asarray(want)
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))  # the raw bits
+        out.append((got, want))
+    return out
 
 
 # (spatial shape, P, jitter, volume_crop, patch_crop, flip, training, dtype)
@@ -83,22 +101,11 @@ def _ids(case) -> str:
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_fused_make_batch_is_bit_identical_to_the_stepwise_version(case):
     spatial, p, j, vc, pc, flip, training, dtype = case
-    ours, ref = _pair(
-        patches_per_side=p,
-        jitter=j,
-        volume_crop=vc,
-        patch_crop=pc,
-        flip=flip,
-        training=training,
-    )
+    ours, ref = _pair(*case[1:7])
     # Values != 0 everywhere, so a zero in the output can only come from the padding.
     x = np.random.default_rng(p).integers(1, 100, (3, *spatial, 2))
     x = jnp.asarray(x * np.where(np.random.default_rng(j).random(x.shape) < 0.5, -1, 1), dtype)
-    for seed in (0, 1, 2):
-        got, want = ours(x, jax.random.key(seed)), ref(x, jax.random.key(seed))
-        assert got.shape == want.shape and got.dtype == want.dtype == x.dtype
-        got, want = np.asarray(got), np.asarray(want)
-        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))  # the raw bits
+    got, want = _bit_identical(ours, ref, x, (0, 1, 2))[-1]
     if training and (vc < 1 or pc < 1):
         assert (got == 0).any()  # the padding is exercised
     if training and flip:
@@ -116,22 +123,8 @@ GRID_CASES = [
 
 @pytest.mark.parametrize("case", GRID_CASES, ids=lambda c: f"{_ids(c[:7] + ('float32',))}-f{c[7]}")
 def test_fused_make_batch_with_a_random_grid_is_bit_identical(case):
-    spatial, p, j, vc, pc, flip, training, f = case
-    ours, ref = _pair(
-        patches_per_side=p,
-        jitter=j,
-        volume_crop=vc,
-        patch_crop=pc,
-        flip=flip,
-        training=training,
-        grid_fraction=f,
-    )
+    spatial, p, training = case[0], case[1], case[6]
+    ours, ref = _pair(*case[1:7], grid_fraction=case[7])
     x = jnp.asarray(np.random.default_rng(p).integers(1, 100, (2, *spatial, 2)), jnp.float32)
-    outs = []
-    for seed in (0, 1):
-        got, want = ours(x, jax.random.key(seed)), ref(x, jax.random.key(seed))
-        np.testing.assert_array_equal(
-            np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8)
-        )
-        outs.append(np.asarray(got))
+    outs = [got for got, _ in _bit_identical(ours, ref, x, (0, 1))]
     assert training == (not np.array_equal(*outs))  # eval: centred grid, same for every key

@@ -9,15 +9,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from configs import exemplar as exemplar_config
-from ssl3d_jax import parallel
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.tasks import exemplar
 from ssl3d_jax.train import step as step_lib
+from check_util import adam_steps, assert_decided_by_key, on_one_and_eight_devices
 
 SIDE = 9  # odd, so rotations and zooms about the centre keep the centre voxel
 B = 8
@@ -31,15 +30,7 @@ TINY = 16  # input edge of the model tests
 ENC = dict(filters=(4, 8), bottom_filters=8, num_groups=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA without most optimisations for this module: much faster compiles of these tiny
-    programs on 2 cores (measured for the exemplar smoke model, 2D + 3D, init + loss-and-grad
-    compile + 25 steps: 30 s -> 12 s of CPU). Restored afterwards for other test modules."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest.py
 
 
 def index_volumes(dims, batch=B, side=SIDE):
@@ -135,12 +126,8 @@ def test_pristine_positive_option():
 
 def test_make_triplets_determinism():
     vols = jax.random.normal(jax.random.key(7), (B, SIDE, SIDE, SIDE, 1))
-    a = _triplets(vols, jax.random.key(8), **GEOMETRIC_ALL)
-    b = _triplets(vols, jax.random.key(8), **GEOMETRIC_ALL)
-    c = _triplets(vols, jax.random.key(9), **GEOMETRIC_ALL)
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+    triplets = functools.partial(_triplets, **GEOMETRIC_ALL)
+    assert_decided_by_key(triplets, vols, jax.random.key(8), jax.random.key(9))
 
 
 def test_triplet_loss_formula():
@@ -235,12 +222,7 @@ def test_loss_determinism_no_retrace_and_overfit(dims):
     assert set(metrics) == {"loss", "triplet_accuracy", "d_pos", "d_neg"}
     assert np.isfinite(float(loss0))
 
-    tx = optax.adam(3e-3)
-    opt_state = tx.init(params)
-    for _ in range(25):
-        (loss, _), grads = value_and_grad(params, volumes, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+    params = adam_steps(value_and_grad, params, volumes, key, 25)
     (loss, metrics), _ = value_and_grad(params, volumes, key)
     assert len(traces) == 1  # new data and keys, same shapes: traced once
     # The loss starts at the margin (all codes nearly equal at init) and, unlike the original's,
@@ -264,14 +246,7 @@ def test_eight_devices_equal_one_device(dims):
         random, hard = task.loss(model, b["image"], key), task_hard.loss(model, b["image"], key)
         return random, hard, model(b["image"])
 
-    results = []
-    for devices in (jax.devices()[:1], jax.devices()):
-        mesh = parallel.make_mesh(devices)
-        p = jax.device_put(params, parallel.replicated(mesh))
-        batch = parallel.put_batch({"image": volumes}, parallel.data_sharded(mesh))
-        assert len(batch["image"].sharding.device_set) == len(devices)
-        results.append(jax.device_get(jax.jit(both)(p, batch)))
-    assert len(jax.devices()) == 8
+    results = on_one_and_eight_devices(jax.jit(both), params, volumes)
     (one_random, one_hard, codes), (eight_random, eight_hard, codes8) = results
     assert codes.shape == (B, 16) and codes.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(codes, axis=-1), 1.0, rtol=1e-5)

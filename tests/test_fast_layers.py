@@ -22,6 +22,9 @@ import pytest
 from flax import nnx
 from jax import lax
 
+from params_util import assert_same_sin_gradients
+from params_util import close_to_scale as _close
+
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.layers import ConvBlock
 from ssl3d_jax.models.unet import Encoder3D, EncoderConfig, SegmentationModel
@@ -35,15 +38,6 @@ from ssl3d_jax.ops.conv import (
     conv3_taps2d,
     conv3_wstacked,
 )
-
-RTOL = 2e-5
-
-
-def _close(a, b, rtol=RTOL):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape
-    scale = max(np.abs(b).max(), 1e-6)
-    np.testing.assert_allclose(a / scale, b / scale, atol=rtol, rtol=0)
 
 
 def _ref(x, w):
@@ -178,15 +172,7 @@ def test_conv_block_2d_wstacked_equals_plain():
         ConvBlock(3, 4, num_groups=2, spatial_dims=2, conv_impl=i, rngs=nnx.Rngs(0))
         for i in ("xla", "wstacked")
     ]
-    outs = []
-    for block in blocks:
-        graphdef, params = nnx.split(block, nnx.Param)
-        f = jax.value_and_grad(
-            lambda p, x, g=graphdef: jnp.sum(jnp.sin(nnx.merge(g, p)(x))), argnums=(0, 1)
-        )
-        outs.append(jax.jit(f)(params, x))
-    _close(outs[1][0], outs[0][0])
-    jax.tree.map(_close, outs[1][1], outs[0][1])
+    assert_same_sin_gradients(blocks, x)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +208,7 @@ def test_stride2_auto_without_onednn_is_space_to_depth(x_shape):
 def test_encoder_conv_downsampling_fast_equals_nnx_conv():
     """downsample='conv': the s2d DownConv equals nnx.Conv(strides=2) in a whole encoder."""
     x = jax.random.normal(jax.random.key(8), (1, 5, 4, 3, 2))
-    outs = []
+    encoders = []
     for impl in ("xla", "stacked"):
         enc = Encoder3D(
             2,
@@ -234,12 +220,7 @@ def test_encoder_conv_downsampling_fast_equals_nnx_conv():
             rngs=nnx.Rngs(0),
         )
         assert enc.pool0.conv.kernel.shape == (3, 3, 3, 4, 4)
-        graphdef, params = nnx.split(enc, nnx.Param)
-        f = jax.value_and_grad(
-            lambda p, x, g=graphdef: jnp.sum(jnp.sin(nnx.merge(g, p)(x)[0])), argnums=(0, 1)
-        )
-        outs.append(jax.jit(f)(params, x))
-    _close(outs[1][0], outs[0][0])
-    jax.tree.map(_close, outs[1][1], outs[0][1])
+        encoders.append(enc)
+    assert_same_sin_gradients(encoders, x, pick=lambda out: out[0])  # the features
     with pytest.raises(ConfigError, match="downsample"):
         Encoder3D(2, downsample="avg", rngs=nnx.Rngs(0))

@@ -16,11 +16,11 @@ import pytest
 from flax import nnx
 
 from configs import jigsaw as jigsaw_config
-from ssl3d_jax import parallel
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.ops.patches import extract_grid, patch_shape
 from ssl3d_jax.tasks import get_task, jigsaw
 from ssl3d_jax.train.step import init_params
+from check_util import adam_steps, assert_decided_by_key, on_one_and_eight_devices
 
 P, J = 3, 2
 SIDE = 15  # cells of 5, patches of 3
@@ -167,12 +167,7 @@ def test_eval_mode_uses_centre_crops(dims):
 @pytest.mark.parametrize("dims", DIMS)
 def test_make_batch_determinism(dims):
     vols = jax.random.normal(jax.random.key(0), (4, *([SIDE] * dims), 1))
-    a = _batch_fn(dims, True)(vols, jax.random.key(3))
-    b = _batch_fn(dims, True)(vols, jax.random.key(3))
-    c = _batch_fn(dims, True)(vols, jax.random.key(4))
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+    assert_decided_by_key(_batch_fn(dims, True), vols, jax.random.key(3), jax.random.key(4))
 
 
 # --- model, loss, training --------------------------------------------------------------------
@@ -258,12 +253,7 @@ def test_loss_at_init_and_overfit(dims):
     np.testing.assert_allclose(float(loss0), math.log(K), rtol=1e-5)
     assert set(metrics) == {"loss", "accuracy"}
 
-    tx = optax.adam(3e-3)
-    opt_state = tx.init(params)
-    for _ in range(60):
-        (loss, _), grads = value_and_grad(params, volumes, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+    params = adam_steps(value_and_grad, params, volumes, key, 60)
     (loss, metrics), _ = value_and_grad(params, volumes, key)
     # Measured (lr 3e-3, 60 steps): 3D 4.61 -> 1.05, 2D 4.61 -> 0.66, accuracy 1.0 from step ~30;
     # the loss first drops towards log(8) (label marginal of the 8 puzzles), then the encoder
@@ -281,18 +271,10 @@ def test_eight_devices_equal_one(dims):
     params["head"]["out"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(9), kernel.shape)
     volumes = np.asarray(_volumes(dims, 5))
     key = jax.random.key(3)
-    results = []
-    for devices in (jax.devices()[:1], jax.devices()):
-        mesh = parallel.make_mesh(devices)
-        # The same initial values as `init_params(..., mesh)` would give (same key), replicated;
-        # re-initialising under each mesh would only add two compilations.
-        p = jax.device_put(params, parallel.replicated(mesh))
-        batch = parallel.put_batch({"image": volumes}, parallel.data_sharded(mesh))
-        assert len(batch["image"].sharding.device_set) == len(devices)
-        (loss, metrics), grads = value_and_grad(p, batch["image"], key)
-        results.append(jax.device_get((loss, metrics, grads)))
-    assert len(jax.devices()) == 8
-    (la, ma, ga), (lb, mb, gb) = results
+    results = on_one_and_eight_devices(
+        lambda p, batch: value_and_grad(p, batch["image"], key), params, volumes
+    )
+    ((la, ma), ga), ((lb, mb), gb) = results
     assert abs(float(la) - math.log(K)) > 1e-3  # not the trivial uniform loss
     np.testing.assert_allclose(la, lb, rtol=1e-5)
     np.testing.assert_allclose(ma["accuracy"], mb["accuracy"])

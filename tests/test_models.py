@@ -31,49 +31,28 @@ def _ceil_half(s):
     return (s + 1) // 2
 
 
-@pytest.mark.parametrize("shape", POOL_CASES)
-def test_max_pool2_matches_reduce_window(shape):
-    x = jax.random.normal(jax.random.key(0), shape)
-    got = max_pool2(x)
-    ref = lax.reduce_window(
-        x,
-        -jnp.inf,
-        lax.max,
-        (1, 2, 2, 2, 1),
-        (1, 2, 2, 2, 1),
-        [(0, 0)] + [(0, s % 2) for s in shape[1:4]] + [(0, 0)],
-    )
-    assert got.shape == (shape[0], *map(_ceil_half, shape[1:4]), shape[4])
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
-    np.testing.assert_array_equal(
-        np.asarray(got), np.asarray(nnx.max_pool(x, (2, 2, 2), (2, 2, 2), padding="SAME"))
-    )
-    if all(s % 2 == 0 for s in shape[1:4]):
-        np.testing.assert_array_equal(
-            np.asarray(got), np.asarray(nnx.max_pool(x, (2, 2, 2), (2, 2, 2), padding="VALID"))
-        )
-
-
 POOL_CASES_2D = [(2, 4, 6, 3), (1, 5, 7, 2), (1, 1, 1, 1), (2, 13, 18, 1)]
 
 
-@pytest.mark.parametrize("shape", POOL_CASES_2D)
-def test_max_pool2_2d_matches_reduce_window(shape):
+@pytest.mark.parametrize("shape", POOL_CASES + POOL_CASES_2D)
+def test_max_pool2_matches_reduce_window(shape):
+    n = len(shape) - 2
     x = jax.random.normal(jax.random.key(0), shape)
     got = max_pool2(x)
+    window = (1,) + (2,) * n + (1,)
     ref = lax.reduce_window(
         x,
         -jnp.inf,
         lax.max,
-        (1, 2, 2, 1),
-        (1, 2, 2, 1),
-        [(0, 0)] + [(0, s % 2) for s in shape[1:3]] + [(0, 0)],
+        window,
+        window,
+        [(0, 0)] + [(0, s % 2) for s in shape[1:-1]] + [(0, 0)],
     )
-    assert got.shape == (shape[0], *map(_ceil_half, shape[1:3]), shape[3])
+    assert got.shape == (shape[0], *map(_ceil_half, shape[1:-1]), shape[-1])
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
-    np.testing.assert_array_equal(
-        np.asarray(got), np.asarray(nnx.max_pool(x, (2, 2), (2, 2), padding="SAME"))
-    )
+    for padding in ("SAME", "VALID") if all(s % 2 == 0 for s in shape[1:-1]) else ("SAME",):
+        pooled = nnx.max_pool(x, (2,) * n, (2,) * n, padding=padding)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(pooled))
 
 
 def test_bad_ranks_raise():
@@ -176,19 +155,6 @@ def seg_model():
     return SegmentationModel(2, 3, encoder=EncoderConfig(**SMALL), rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("spatial", SHAPE_CASES)
-def test_encoder_decoder_shapes(seg_model, spatial):
-    x = jax.ShapeDtypeStruct((2, *spatial, 2), jnp.float32)
-    feats, skips = jax.eval_shape(lambda v: seg_model.encoder(v), x)
-    sizes = [spatial]
-    for _ in range(4):
-        sizes.append(tuple(_ceil_half(s) for s in sizes[-1]))
-    assert [s.shape for s in skips] == [(2, *sizes[i], f) for i, f in enumerate(SMALL["filters"])]
-    assert feats.shape == (2, *sizes[4], SMALL["bottom_filters"])
-    logits = jax.eval_shape(lambda v: seg_model(v), x)
-    assert logits.shape == (2, *spatial, 3)
-
-
 SHAPE_CASES_2D = [(13, 13), (16, 16), (20, 24), (7, 33), (1, 5)]
 
 
@@ -197,16 +163,17 @@ def seg_model_2d():
     return SegmentationModel(2, 3, spatial_dims=2, encoder=EncoderConfig(**SMALL), rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("spatial", SHAPE_CASES_2D)
-def test_encoder_decoder_shapes_2d(seg_model_2d, spatial):
+@pytest.mark.parametrize("spatial", SHAPE_CASES + SHAPE_CASES_2D)
+def test_encoder_decoder_shapes(request, spatial):
+    model = request.getfixturevalue("seg_model" if len(spatial) == 3 else "seg_model_2d")
     x = jax.ShapeDtypeStruct((2, *spatial, 2), jnp.float32)
-    feats, skips = jax.eval_shape(lambda v: seg_model_2d.encoder(v), x)
+    feats, skips = jax.eval_shape(lambda v: model.encoder(v), x)
     sizes = [spatial]
     for _ in range(4):
         sizes.append(tuple(_ceil_half(s) for s in sizes[-1]))
     assert [s.shape for s in skips] == [(2, *sizes[i], f) for i, f in enumerate(SMALL["filters"])]
     assert feats.shape == (2, *sizes[4], SMALL["bottom_filters"])
-    logits = jax.eval_shape(lambda v: seg_model_2d(v), x)
+    logits = jax.eval_shape(lambda v: model(v), x)
     assert logits.shape == (2, *spatial, 3)  # decoder output at the input's resolution
 
 

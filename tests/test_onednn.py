@@ -31,8 +31,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from params_util import (
+    assert_same_sin_gradients,
+    assert_tree_close,
+    close_to_scale as _close,
+    random_params,
+)
 from jax import lax
-from params_util import random_params
 
 from ssl3d_jax import parallel
 from ssl3d_jax.errors import ConfigError
@@ -47,7 +52,6 @@ REQUIRE_ENV = "SSL3D_JAX_REQUIRE_ONEDNN"
 needs_onednn = pytest.mark.skipif(
     not onednn.available(), reason=f"oneDNN extension unavailable: {onednn.unavailable_reason()}"
 )
-RTOL = 2e-5
 
 
 def test_extension_is_built_where_required():
@@ -57,13 +61,6 @@ def test_extension_is_built_where_required():
     assert onednn.available(), onednn.unavailable_reason()
     assert onednn.version().startswith("3.")
     assert conv_lib.auto_impl((2, 40, 40, 40, 8), platform="cpu") == "onednn"
-
-
-def _close(a, b, rtol=RTOL):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    scale = max(float(np.abs(b).max()), 1e-6)
-    np.testing.assert_allclose(a / scale, b / scale, atol=rtol, rtol=0)
 
 
 def _dn(n):
@@ -145,17 +142,12 @@ def test_transposed_conv_equals_nnx_conv_transpose(case):
     x, k = _random(x_shape, 4), _random((2,) * n + (x_shape[-1], cout), 5)
     _check_vjp(onednn.conv_transpose2, _conv_transpose_ref, x, k)
     # The layer: same parameters, same output and gradients as its einsum formulation.
-    outs = []
+    ups = []
     for impl in ("xla", "onednn"):
         up = UpConv2(x_shape[-1], cout, spatial_dims=n, conv_impl=impl, rngs=nnx.Rngs(0))
         up.bias[...] = _random((cout,), 6)
-        graphdef, params = nnx.split(up, nnx.Param)
-        f = jax.value_and_grad(
-            lambda p, x, g=graphdef: jnp.sum(jnp.sin(nnx.merge(g, p)(x))), argnums=(0, 1)
-        )
-        outs.append(jax.jit(f)(params, x))
-    _close(outs[1][0], outs[0][0])
-    jax.tree.map(_close, outs[1][1], outs[0][1])
+        ups.append(up)
+    assert_same_sin_gradients(ups, x)
 
 
 @needs_onednn
@@ -270,15 +262,8 @@ def _assert_same_loss_and_grads(a, b, what):
     (loss_a, _), grads_a = a
     (loss_b, _), grads_b = b
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5, err_msg=what)
-    flat_a = dict(jax.tree_util.tree_flatten_with_path(grads_a)[0])
-    flat_b = dict(jax.tree_util.tree_flatten_with_path(grads_b)[0])
-    assert flat_a.keys() == flat_b.keys()
-    for path, gb in flat_b.items():
-        scale = max(float(np.max(np.abs(gb))), 1e-12)
-        np.testing.assert_allclose(
-            flat_a[path], gb, rtol=1e-4, atol=1e-4 * scale, err_msg=f"{what} {path}"
-        )
-    assert all(np.any(g) for g in flat_b.values()), what  # every parameter is compared
+    assert_tree_close(grads_a, grads_b, rtol=1e-4, atol_scale=1e-4, what=what)
+    assert all(np.any(g) for g in jax.tree.leaves(grads_b)), what  # every parameter is compared
 
 
 SEG_MODELS = {

@@ -20,6 +20,7 @@ from ssl3d_jax.ops.patches import (
     patch_shape,
     slice_patches,
 )
+from check_util import assert_decided_by_key
 
 P, J = 3, 2
 SHAPE = (15, 18, 12)  # non-cubic; cells 5 x 6 x 4, patches 3 x 4 x 2
@@ -127,12 +128,7 @@ def test_slice_patches_2d_matches_grid_starts():
 @pytest.mark.parametrize("n", [2, 3])
 def test_determinism(n):
     vol = jnp.asarray(coordinate_volume(SHAPES[n]))
-    f = _jitted(True)
-    a = np.asarray(f(vol, jax.random.key(3)))
-    b = np.asarray(f(vol, jax.random.key(3)))
-    c = np.asarray(f(vol, jax.random.key(4)))
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
+    assert_decided_by_key(_jitted(True), vol, jax.random.key(3), jax.random.key(4))
 
 
 def test_jit_vmap_matches_single():

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from params_util import random_params
+from params_util import assert_tree_close, random_params
 
 from ssl3d_jax import parallel, tasks
 from ssl3d_jax.checkpoint import Checkpointer, restore_encoder
@@ -81,21 +81,6 @@ def _state(tx, params, *, rng_seed=1, step=0, impl=None) -> TrainState:
         opt_state=step_lib.init_opt_state(tx, params),
         rng=jax.random.key(rng_seed, impl=impl),
     )
-
-
-def _assert_tree_close(actual, desired, *, rtol, atol_scale, what=""):
-    flat_a = dict(jax.tree_util.tree_flatten_with_path(actual)[0])
-    flat_d = dict(jax.tree_util.tree_flatten_with_path(desired)[0])
-    assert flat_a.keys() == flat_d.keys()
-    for path, d in flat_d.items():
-        scale = max(float(np.max(np.abs(d))), 1e-12)
-        np.testing.assert_allclose(
-            flat_a[path],
-            d,
-            rtol=rtol,
-            atol=atol_scale * scale,
-            err_msg=f"{what} {jax.tree_util.keystr(path)}",
-        )
 
 
 def _eqns(jaxpr):
@@ -342,7 +327,7 @@ def test_accumulation_is_exact_for_a_per_sample_loss(seg_step):
     for k in metrics1:
         np.testing.assert_allclose(metrics4[k], metrics1[k], rtol=1e-5, err_msg=k)
     # Only the float summation order differs (4 partial means of 8 examples vs one of 32).
-    _assert_tree_close(grads4, grads1, rtol=1e-4, atol_scale=1e-5, what="accum 4 vs 1")
+    assert_tree_close(grads4, grads1, rtol=1e-4, atol_scale=1e-5, what="accum 4 vs 1")
     assert all(np.any(g) for g in jax.tree.leaves(grads1))
 
 
@@ -351,7 +336,7 @@ def test_accumulation_on_eight_devices_equals_one_device_without_gathering(seg_s
     grads8, metrics8, hlo = seg_step(4, 8)  # micro-batches of 8: one example per device
     for k in metrics1:
         np.testing.assert_allclose(metrics8[k], metrics1[k], rtol=1e-5, err_msg=k)
-    _assert_tree_close(grads8, grads1, rtol=1e-4, atol_scale=1e-5, what="8 vs 1 devices")
+    assert_tree_close(grads8, grads1, rtol=1e-4, atol_scale=1e-5, what="8 vs 1 devices")
     # Each micro-batch stays where its rows are: the only collective is the gradient all-reduce.
     collectives = set(
         re.findall(r"\s(all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
@@ -415,7 +400,7 @@ def test_remat_same_gradients_less_temp_memory():
         )
     (g0, l0, t0), (g1, l1, t1) = out[False], out[True]
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    _assert_tree_close(g1, g0, rtol=1e-5, atol_scale=1e-6, what="remat vs not")
+    assert_tree_close(g1, g0, rtol=1e-5, atol_scale=1e-6, what="remat vs not")
     assert t1 < 0.8 * t0, (t1, t0)
 
 
@@ -464,7 +449,7 @@ def test_accumulated_step_is_the_mean_of_micro_batch_gradients(name):
     for k, v in aux.items():
         np.testing.assert_allclose(metrics[k], np.mean(v), rtol=1e-5, atol=1e-6, err_msg=k)
     mean = jax.tree.map(lambda g: np.mean(g, axis=0), grads)
-    _assert_tree_close(new_state.opt_state, mean, rtol=1e-4, atol_scale=1e-5, what=name)
+    assert_tree_close(new_state.opt_state, mean, rtol=1e-4, atol_scale=1e-5, what=name)
     # The micro-batches differ (else "mean" would be vacuous), and the step counted one step.
     assert losses[0] != losses[1]
     assert int(new_state.step) == step_index + 1

@@ -50,14 +50,7 @@ def _settings(n: int):
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """Most XLA optimisations off: these tiny eager programs compile much faster without them
-    (as tests/test_augment.py). Restored afterwards for other test modules."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest.py
 
 
 # Every dtype the ops are documented to keep. Values are small integers, exact in all of them.

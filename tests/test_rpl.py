@@ -17,6 +17,7 @@ from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.unet import EncoderConfig
 from ssl3d_jax.ops.patches import extract_grid
 from ssl3d_jax.tasks import rpl
+from check_util import adam_steps
 
 P, J = 3, 2
 SIDE = 15  # cells of 5, patches of 3
@@ -153,12 +154,7 @@ def test_loss_at_init_and_overfit(n):
     np.testing.assert_allclose(float(loss0), math.log(rpl.num_classes(3, n)), rtol=1e-5)
     assert set(metrics) == {"loss", "accuracy"}
 
-    tx = optax.adam(3e-3)
-    opt_state = tx.init(params)
-    for _ in range(60):
-        (loss, _), grads = value_and_grad(params, volumes, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+    params = adam_steps(value_and_grad, params, volumes, key, 60)
     (loss, metrics), _ = value_and_grad(params, volumes, key)
     assert float(loss) < 0.25 * float(loss0), (float(loss0), float(loss))
     assert float(metrics["accuracy"]) >= 0.75

@@ -214,6 +214,26 @@ def group_count(channels: int, num_groups: int) -> int:
     return g
 
 
+def _conv3(
+    in_channels: int, out_channels: int, *, spatial_dims: int, dtype, rngs: nnx.Rngs, strides=1
+) -> nnx.Conv:
+    """The bias-free 3 x 3 (x 3) SAME convolution of `ConvBlock` and `DownConv`: He-normal
+    kernel, float32 parameters, computed in `dtype`."""
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        # tuple: an int would silently build a 1-D kernel
+        kernel_size=(3,) * spatial_dims,
+        strides=strides,
+        padding="SAME",
+        use_bias=False,
+        kernel_init=nnx.initializers.he_normal(),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
 class ConvBlock(nnx.Module):
     """The paper's "conv3d block": 2 x [Conv 3x3x3 SAME -> GroupNorm -> ReLU] (3x3 in 2D).
 
@@ -258,20 +278,11 @@ class ConvBlock(nnx.Module):
         groups = group_count(channels, num_groups)
         self.conv_impl = check_conv_impl(conv_impl)
         self.spatial_dims = check_spatial_dims(spatial_dims)
-        conv = dict(
-            # tuple: an int would silently build a 1-D kernel
-            kernel_size=(3,) * self.spatial_dims,
-            padding="SAME",
-            use_bias=False,
-            kernel_init=nnx.initializers.he_normal(),
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            rngs=rngs,
-        )
+        conv = dict(spatial_dims=self.spatial_dims, dtype=dtype, rngs=rngs)
         norm = dict(num_groups=groups, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.conv1 = nnx.Conv(in_channels, channels, **conv)
+        self.conv1 = _conv3(in_channels, channels, **conv)
         self.norm1 = nnx.GroupNorm(channels, **norm)
-        self.conv2 = nnx.Conv(channels, channels, **conv)
+        self.conv2 = _conv3(channels, channels, **conv)
         self.norm2 = nnx.GroupNorm(channels, **norm)
         self.dropout_rate = float(dropout_rate)
         # No rngs stored in the module: the dropout key comes at call time, so that the module's
@@ -346,17 +357,8 @@ class DownConv(nnx.Module):
     ):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.conv_impl = check_conv_impl(conv_impl)
-        self.conv = nnx.Conv(
-            channels,
-            channels,
-            kernel_size=(3,) * self.spatial_dims,
-            strides=2,
-            padding="SAME",
-            use_bias=False,
-            kernel_init=nnx.initializers.he_normal(),
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            rngs=rngs,
+        self.conv = _conv3(
+            channels, channels, spatial_dims=self.spatial_dims, dtype=dtype, rngs=rngs, strides=2
         )
         self.norm = nnx.GroupNorm(
             channels,

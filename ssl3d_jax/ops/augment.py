@@ -48,20 +48,25 @@ outputs agree exactly. We use the gather. Flips and 90° turns are index gathers
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ssl3d_jax.errors import ConfigError
 
 __all__ = [
     "spatial_planes",
+    "flip_where",
     "random_flip",
     "rot90",
+    "rot90_index_rows",
+    "gather_rot90",
     "random_rot90",
     "rotate",
     "random_rotate",
@@ -127,10 +132,10 @@ def _maybe(apply: jax.Array, fn, x: jax.Array) -> jax.Array:
 # --- coordinate maps ------------------------------------------------------------------------------
 #
 # Every geometric transform here is "output voxel o takes the input at M @ (o - centre) + centre"
-# for an n x n matrix M (the INVERSE map). Flips and 90° turns have signed-permutation M, whose
-# coordinates are exact integers: they are applied as one gather (`_gather_about_centre`), exact.
-# Composites that include a small rotation or a zoom are resampled tri/bilinearly
-# (`_linear_resample`), which is still exact wherever the coordinates are integers.
+# for an n x n matrix M (the INVERSE map). Composites that include a small rotation or a zoom are
+# resampled tri/bilinearly (`_linear_resample`), which is exact wherever the coordinates are
+# integers (signed-permutation M: flips and 90° turns). 90° turns alone are one gather at affine
+# flat indices (`gather_rot90`), also what tasks/rotation.py rotates with.
 
 
 def _coords_about_centre(spatial: tuple[int, ...], matrix: jax.Array) -> jax.Array:
@@ -141,15 +146,6 @@ def _coords_about_centre(spatial: tuple[int, ...], matrix: jax.Array) -> jax.Arr
         jnp.meshgrid(*[jnp.arange(s, dtype=jnp.float32) for s in spatial], indexing="ij")
     )
     return jnp.einsum("ij,j...->i...", matrix.astype(jnp.float32), grid - centre) + centre
-
-
-def _gather_about_centre(x: jax.Array, matrix: jax.Array) -> jax.Array:
-    """Nearest-voxel resampling; exact for signed-permutation matrices (flips, 90° turns) whose
-    swapped axes have equal edges (then every coordinate is an integer inside the input)."""
-    n = x.ndim - 1
-    coords = jnp.round(_coords_about_centre(x.shape[:n], matrix)).astype(jnp.int32)
-    index = tuple(jnp.clip(coords[a], 0, x.shape[a] - 1) for a in range(n))
-    return x[index]
 
 
 def _flip_matrix(flags: jax.Array) -> jax.Array:
@@ -198,7 +194,24 @@ def random_flip(x: jax.Array, key: jax.Array, *, prob: float = 0.5) -> jax.Array
     """
     n = _spatial_dims(x)
     flags = jax.random.bernoulli(key, prob, (n,))
-    return _gather_about_centre(x, _flip_matrix(flags))
+    return flip_where(x, [flags[a] for a in range(n)], range(n))
+
+
+def flip_where(x: jax.Array, flags: Sequence[jax.Array], axes: Sequence[int]) -> jax.Array:
+    """`x` reversed along each of `axes` where the matching traced bool of `flags` holds.
+
+    The one flip that the random flips here, in `train/classify.py` and in `tasks/cpc.py` share;
+    each draws its own `flags` (their random draws differ, so each keeps its own).
+
+    Args:
+      x: any array.
+      flags: one bool per axis, each a scalar or broadcastable against `x` (e.g. `[B, 1, 1, 1]`
+        for a flag per batch element).
+      axes: static axes of `x`, one per flag.
+    """
+    for flag, axis in zip(flags, axes, strict=True):
+        x = jnp.where(flag, jnp.flip(x, axis), x)
+    return x
 
 
 def _check_square(x: jax.Array, plane: tuple[int, int]) -> None:
@@ -210,11 +223,79 @@ def _check_square(x: jax.Array, plane: tuple[int, int]) -> None:
         )
 
 
+@functools.cache
+def _rot90_source_axes(spatial_dims: int, k: int, plane: tuple[int, int]) -> tuple[tuple, tuple]:
+    """`(source_axis, flipped)` of `jnp.rot90(x, k, axes=plane)`, one entry per spatial axis a:
+    output coordinate `i` reads source coordinate `s_a = i[source_axis[a]]`, reversed (`n_a - 1 -
+    ...`) where `flipped[a]`. Read off `np.rot90` (same definition as `jnp.rot90`) applied to
+    coordinate grids of side 3, so it is that rotation by construction."""
+    side = 3
+    grids = np.meshgrid(*([np.arange(side)] * spatial_dims), indexing="ij")
+    source_axis, flipped = [0] * spatial_dims, [0] * spatial_dims
+    for a, grid in enumerate(grids):
+        src = np.rot90(grid, k, axes=plane)  # src[i] = source coordinate a of output voxel i
+        for d, out_grid in enumerate(grids):
+            if np.array_equal(src, out_grid):
+                source_axis[a] = d
+                break
+            if np.array_equal(src, side - 1 - out_grid):
+                source_axis[a], flipped[a] = d, 1
+                break
+        else:  # pragma: no cover - rot90 by quarter turns is always a signed permutation
+            raise AssertionError(f"rot90 by {k} in {plane} is not a signed axis permutation")
+    return tuple(source_axis), tuple(flipped)
+
+
+def rot90_index_rows(
+    shape: Sequence[int], turns: Sequence[tuple[int, tuple[int, int]]]
+) -> np.ndarray:
+    """`[len(turns), n + 1]` int32, one row per `(k, plane)` of `turns`: `coef_0 .. coef_{n-1},
+    offset` with the source flat index of output voxel `i` at `offset + sum_d coef_d * i_d`
+    (row-major over the spatial axes of `shape = (*spatial, C)`, n of them) for
+    `jnp.rot90(x, k, axes=plane)`; `gather_rot90` applies a row. Every turn is a signed axis
+    permutation, so the source index is AFFINE in the output coordinates, `coef_d` in
+    `{+-1, +-n_1, ...}`; each plane must have equal edges."""
+    spatial = tuple(shape[:-1])
+    n = len(spatial)
+    strides = [math.prod(spatial[a + 1 :]) for a in range(n)]
+    table = np.zeros((len(turns), n + 1), np.int64)
+    for c, (k, plane) in enumerate(turns):
+        source_axis, flipped = _rot90_source_axes(n, int(k) % 4, tuple(plane))
+        for a in range(n):
+            table[c, source_axis[a]] += (-1 if flipped[a] else 1) * strides[a]
+            table[c, n] += flipped[a] * (spatial[a] - 1) * strides[a]
+    return table.astype(np.int32)
+
+
+def gather_rot90(x: jax.Array, row: jax.Array) -> jax.Array:
+    """`x [*spatial, C]` rotated by the turn of a traced `rot90_index_rows` row `[n + 1]`: ONE
+    gather of `C`-element rows at affine source indices computed from iotas inside the same XLA
+    fusion, one read and one write of the input (a `lax.switch` over `jnp.rot90`s would compute
+    every branch under vmap)."""
+    spatial, channels = x.shape[:-1], x.shape[-1]
+    n, voxels = len(spatial), math.prod(spatial)
+    if voxels >= 2**31:
+        raise ConfigError(f"rot90: {voxels} voxels per input overflow int32 indices.")
+    index = jnp.broadcast_to(row[n], spatial)
+    for d in range(n):
+        index = index + row[d] * lax.broadcasted_iota(jnp.int32, spatial, d)
+    dims = lax.GatherDimensionNumbers(
+        offset_dims=(n,), collapsed_slice_dims=(0,), start_index_map=(0,)
+    )
+    # In bounds by construction (a permutation of 0 .. voxels - 1): no clamping code per row.
+    return lax.gather(
+        x.reshape(voxels, channels),
+        index[..., None],
+        dims,
+        (1, channels),
+        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+
+
 def rot90(x: jax.Array, k: jax.Array, *, plane: tuple[int, int]) -> jax.Array:
     """Rotates by `k` x 90° in `plane`, like `jnp.rot90(x, k, axes=plane)` but with a traced `k`.
 
-    One gather with exact integer indices (a `lax.switch` over four `jnp.rot90`s would compute all
-    four under vmap).
+    One gather with exact integer indices (`gather_rot90`).
 
     Args:
       x: `[H, W, C]` or `[D, H, W, C]` with `x.shape[a] == x.shape[b]` for `plane = (a, b)`.
@@ -223,7 +304,8 @@ def rot90(x: jax.Array, k: jax.Array, *, plane: tuple[int, int]) -> jax.Array:
     """
     (plane,) = _planes(x, (plane,))
     _check_square(x, plane)
-    return _gather_about_centre(x, _rot90_matrix(x.ndim - 1, plane, k))
+    rows = jnp.asarray(rot90_index_rows(x.shape, [(k4, plane) for k4 in range(4)]))
+    return gather_rot90(x, rows[jnp.asarray(k, jnp.int32) % 4])
 
 
 def random_rot90(
@@ -242,12 +324,11 @@ def random_rot90(
     planes = _planes(x, planes)
     for plane in planes:
         _check_square(x, plane)
-    n = x.ndim - 1
     u = _uniform(key, (2,), 0.0, 1.0)  # one RNG call (see `augment`)
     plane_index = _choice(u[0], len(planes))
     k = _choice(u[1], 4)
-    matrices = jnp.stack([_rot90_matrix(n, p, k) for p in planes])
-    return _gather_about_centre(x, matrices[plane_index])
+    rows = jnp.asarray(rot90_index_rows(x.shape, [(k4, p) for p in planes for k4 in range(4)]))
+    return gather_rot90(x, rows[4 * plane_index + k])
 
 
 # --- resampling ----------------------------------------------------------------------------------

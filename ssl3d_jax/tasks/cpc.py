@@ -92,6 +92,7 @@ from jax import lax
 
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.unet import Encoder3D, EncoderConfig, global_max_pool
+from ssl3d_jax.ops.augment import flip_where
 from ssl3d_jax.ops.patches import check_grid_fraction, grid_starts, patch_shape
 from ssl3d_jax.tasks import Task, TaskDef, classification_chance, pretext_loss
 
@@ -266,7 +267,7 @@ def augment_patch(patch: jax.Array, key: jax.Array, *, patch_crop: float, flip: 
     """
     key_flip, key_crop = jax.random.split(key)
     if flip:
-        patch = jnp.where(jax.random.bernoulli(key_flip), jnp.flip(patch, axis=0), patch)
+        patch = flip_where(patch, (jax.random.bernoulli(key_flip),), (0,))
     crop = _crop_shape(patch.shape[:-1], patch_crop)
     return random_crop_pad(patch, key_crop, crop_shape=crop)
 

@@ -45,31 +45,30 @@ Implementation: every class is a signed axis permutation, `out[i] = x[s(i)]` wit
 coordinate `s_a = i_{q(a)}` or `n - 1 - i_{q(a)}`, so the source's flat index is AFFINE in the
 output coordinates: `offset + sum_d coef_d * i_d`, `coef_d` in `{+-1, +-n, +-n^2}`. A traced label
 picks one row of a `[classes, spatial_dims + 1]` table (built at trace time from `jnp.rot90`'s own
-definition) and the rotation is ONE gather of `C`-element rows, its index computed from iotas inside
-the same XLA fusion: one read and one write of the volume. The previous `lax.switch` over the
-classes became, under `vmap` (`make_batch`), a select over all 10 rotated copies: measured 2.2x
-the time and 2.3x the CPU time of the gather at the paper's 4 x 128^3 x 4, and slower than the
-NumPy reference of benchmarks/pretext_batches.py. A select over the 4 distinct axis
-permutations plus conditional flips measured slower still. Static labels still use `jnp.rot90`.
+definition, `ops.augment.rot90_index_rows`) and the rotation is ONE gather of `C`-element rows
+(`ops.augment.gather_rot90`), its index computed from iotas inside the same XLA fusion: one read
+and one write of the volume. The previous `lax.switch` over the classes became, under `vmap`
+(`make_batch`), a select over all 10 rotated copies: measured 2.2x the time and 2.3x the CPU time
+of the gather at the paper's 4 x 128^3 x 4, and slower than the NumPy reference of
+benchmarks/pretext_batches.py. A select over the 4 distinct axis permutations plus conditional
+flips measured slower still. Static labels still use `jnp.rot90`.
 """
 
 from __future__ import annotations
 
-import functools
 import numbers
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax import lax
 
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.heads import MLPHead
 from ssl3d_jax.models.layers import check_spatial_dims, max_pool2
 from ssl3d_jax.models.unet import Encoder3D, EncoderConfig, flatten_features
+from ssl3d_jax.ops.augment import gather_rot90, rot90_index_rows
 from ssl3d_jax.tasks import Task, TaskDef, classification_chance, pretext_loss
 
 __all__ = [
@@ -123,70 +122,11 @@ def _rotate_static(x: jax.Array, label: int, spatial_dims: int) -> jax.Array:
     return jnp.rot90(x, k, axes=plane) if k else x
 
 
-@functools.cache
-def _signed_permutations(spatial_dims: int) -> tuple[np.ndarray, np.ndarray]:
-    """`(source_axis, flipped)`, each `[num_classes, spatial_dims]` int: class c maps output
-    coordinate `i` to source coordinate `s_a = i[source_axis[c, a]]`, reversed (`n - 1 - ...`)
-    where `flipped[c, a]`. Read off `np.rot90` (same definition as `jnp.rot90`) applied to
-    coordinate grids of side 3, so it is the table's rotation by construction."""
-    side = 3
-    grids = np.meshgrid(*([np.arange(side)] * spatial_dims), indexing="ij")
-    table = rotation_table(spatial_dims)
-    source_axis = np.zeros((len(table), spatial_dims), np.int64)
-    flipped = np.zeros((len(table), spatial_dims), np.int64)
-    for c, (k, plane) in enumerate(table):
-        for a, grid in enumerate(grids):
-            src = np.rot90(grid, k, axes=plane)  # src[i] = source coordinate a of output voxel i
-            for d, out_grid in enumerate(grids):
-                if np.array_equal(src, out_grid):
-                    source_axis[c, a] = d
-                    break
-                if np.array_equal(src, side - 1 - out_grid):
-                    source_axis[c, a], flipped[c, a] = d, 1
-                    break
-            else:  # pragma: no cover - rot90 by quarter turns is always a signed permutation
-                raise AssertionError(f"class {c} is not a signed axis permutation")
-    return source_axis, flipped
-
-
-def _affine_index_table(side: int, spatial_dims: int) -> np.ndarray:
-    """`[num_classes, spatial_dims + 1]` int32: `coef_0 .. coef_{n-1}, offset` of class c, with
-    source flat index `offset + sum_d coef_d * i_d` (row-major over the spatial axes)."""
-    source_axis, flipped = _signed_permutations(spatial_dims)
-    strides = [side ** (spatial_dims - 1 - a) for a in range(spatial_dims)]
-    table = np.zeros((len(source_axis), spatial_dims + 1), np.int64)
-    for c in range(len(source_axis)):
-        for a in range(spatial_dims):
-            sign = -1 if flipped[c, a] else 1
-            table[c, source_axis[c, a]] += sign * strides[a]
-            table[c, spatial_dims] += flipped[c, a] * (side - 1) * strides[a]
-    return table.astype(np.int32)
-
-
 def _rotate_traced(x: jax.Array, label: jax.Array, spatial_dims: int) -> jax.Array:
     """`x [*(n,) * spatial_dims, C]` rotated by traced class `label` (clamped into range): one
     gather of `C`-element rows at affine source indices (see the module docstring)."""
-    side, channels = x.shape[0], x.shape[-1]
-    voxels = side**spatial_dims
-    if voxels >= 2**31:
-        raise ConfigError(f"rotate: {voxels} voxels per input overflow int32 indices.")
-    table = jnp.asarray(_affine_index_table(side, spatial_dims))
-    row = table[jnp.clip(jnp.asarray(label, jnp.int32), 0, table.shape[0] - 1)]
-    spatial = x.shape[:-1]
-    index = jnp.broadcast_to(row[spatial_dims], spatial)
-    for d in range(spatial_dims):
-        index = index + row[d] * lax.broadcasted_iota(jnp.int32, spatial, d)
-    dims = lax.GatherDimensionNumbers(
-        offset_dims=(spatial_dims,), collapsed_slice_dims=(0,), start_index_map=(0,)
-    )
-    # In bounds by construction (a permutation of 0 .. voxels - 1): no clamping code per row.
-    return lax.gather(
-        x.reshape(voxels, channels),
-        index[..., None],
-        dims,
-        (1, channels),
-        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-    )
+    table = jnp.asarray(rot90_index_rows(x.shape, rotation_table(spatial_dims)))
+    return gather_rot90(x, table[jnp.clip(jnp.asarray(label, jnp.int32), 0, table.shape[0] - 1)])
 
 
 def rotate(volume: jax.Array, label: jax.Array | int) -> jax.Array:

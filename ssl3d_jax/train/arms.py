@@ -10,11 +10,10 @@ the runner.
 from __future__ import annotations
 
 import logging
-import os
 from typing import NamedTuple
 
 from ssl3d_jax import tensorboard
-from ssl3d_jax.checkpoint import Checkpointer
+from ssl3d_jax.checkpoint import open_pretrained
 from ssl3d_jax.errors import CheckpointError
 
 __all__ = [
@@ -81,12 +80,7 @@ def check_compatible(init_from: str, config, dataset) -> dict:
     Returns:
       the checkpoint's meta.
     """
-    if not os.path.isdir(init_from):
-        raise CheckpointError(
-            f"pretraining checkpoint folder {init_from} does not exist (set "
-            "config.finetune.init_from, or run the pretraining first with config.mode)"
-        )
-    with Checkpointer(init_from, create=False) as ckpt:
+    with open_pretrained(init_from) as ckpt:
         meta = ckpt.read_meta()
     spec = meta.get("input", {})
     dims = spec.get("spatial_dims")

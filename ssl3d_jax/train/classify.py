@@ -50,6 +50,7 @@ from ssl3d_jax.data import datasets
 from ssl3d_jax.errors import ConfigError, DataError
 from ssl3d_jax.models.classifier import ClassificationModel
 from ssl3d_jax.models.unet import EncoderConfig
+from ssl3d_jax.ops import augment
 from ssl3d_jax.progress import Progress
 from ssl3d_jax.train.arms import SCHEDULES, Scores
 
@@ -95,8 +96,7 @@ def random_flips(images: jax.Array, key: jax.Array) -> jax.Array:
     b = images.shape[0]
     flip_w = jax.random.bernoulli(kh, 0.5, (b, 1, 1, 1))
     flip_h = jax.random.bernoulli(kv, 0.5, (b, 1, 1, 1))
-    images = jnp.where(flip_w, images[:, :, ::-1], images)
-    return jnp.where(flip_h, images[:, ::-1], images)
+    return augment.flip_where(images, (flip_w, flip_h), (2, 1))
 
 
 def classification_loss(model, batch, key, *, flip: bool):

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from ssl3d_jax.data import datasets, phantom
-from ssl3d_jax.errors import ConfigError
+from ssl3d_jax.errors import ConfigError, DataError
 from ssl3d_jax.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,14 @@ def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
-def select(cases: list, names: list[str]) -> list:
+def select(
+    cases: list, names: list[str], what: str = "selected", where: str = "the dataset"
+) -> list:
+    """The cases named `names`, in that order; a `DataError` lists (up to five of) those missing."""
     by_name = {c.name: c for c in cases}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DataError(f"{what} cases {missing[:5]} are not in {where} ({len(by_name)} cases)")
     return [by_name[n] for n in names]
 
 

@@ -35,8 +35,9 @@ import optax
 
 from ssl3d_jax import parallel, tensorboard
 from ssl3d_jax.checkpoint import restore_encoder
-from ssl3d_jax.errors import CheckpointError, ConfigError, DataError
+from ssl3d_jax.errors import CheckpointError, ConfigError
 from ssl3d_jax.train import classify, common, finetune
+from ssl3d_jax.train import data as data_lib
 from ssl3d_jax.train import step as step_lib
 from ssl3d_jax.train.arms import (
     ARMS,
@@ -252,14 +253,7 @@ def run(config, workdir: str, arm: str, splits: dict, dataset, *, init_from=None
 
 
 def _select(dataset, names, what: str) -> list:
-    by_name = {c.name: c for c in dataset.cases}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise DataError(
-            f"{what} cases {missing[:5]} are not in the dataset at {dataset.root} "
-            f"({len(by_name)} cases)"
-        )
-    return [by_name[n] for n in names]
+    return data_lib.select(dataset.cases, names, what, f"the dataset at {dataset.root}")
 
 
 def _log_scores(phase: str, split: str, scores: Scores) -> None:
