@@ -8,7 +8,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,6 +16,7 @@ from ssl3d_jax import parallel
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.unet import Encoder3D
 from ssl3d_jax.ops.patches import patch_shape
+from ssl3d_jax import tasks
 from ssl3d_jax.tasks import cpc
 from ssl3d_jax.train.step import init_params
 from check_util import adam_steps, assert_decided_by_key
@@ -49,9 +49,11 @@ def _config(n, **cpc_overrides):
         flip_patches=True,
     )
     section.update(cpc_overrides)
-    return ml_collections.ConfigDict(
-        dict(model=ENC, data=dict(spatial_dims=n, size=SIDE), cpc=section)
-    )
+    config = tasks.task_config("cpc", "smoke" if n == 3 else "smoke,2d")
+    config.model.update(ENC)
+    config.data.size = SIDE
+    config.cpc.update(dict(section, grid_fraction=1.0))  # the grid over the whole input
+    return config
 
 
 @functools.cache

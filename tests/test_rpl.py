@@ -16,6 +16,7 @@ from flax import nnx
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.models.unet import EncoderConfig
 from ssl3d_jax.ops.patches import extract_grid
+from ssl3d_jax import tasks
 from ssl3d_jax.tasks import rpl
 from check_util import adam_steps
 
@@ -160,16 +161,22 @@ def test_loss_at_init_and_overfit(n):
     assert float(metrics["accuracy"]) >= 0.75
 
 
+def _rpl_config(n, **sections):
+    """configs/rpl.py:smoke (2D for n = 2) on the whole-input grid (grid_fraction 1), one query
+    per volume, with the keys of `sections` replaced."""
+    config = tasks.task_config("rpl", "smoke" if n == 3 else "smoke,2d")
+    config.rpl.update(dict(grid_fraction=1.0, queries_per_volume=1, head_dropout=0.0))
+    for name, values in sections.items():
+        config[name].update(values)
+    return config
+
+
 @pytest.mark.parametrize("n", [3, 2])
 def test_make_task_smoke_config(n):
-    import ml_collections
-
-    config = ml_collections.ConfigDict(
-        dict(
-            data=dict(spatial_dims=n),
-            model=dict(filters=(4, 8), bottom_filters=8, num_groups=1, dropout_rate=0.1),
-            rpl=dict(patches_per_side=3, jitter=1, head_hidden=(8,), head_dropout=0.1),
-        )
+    config = _rpl_config(
+        n,
+        model=dict(filters=(4, 8), bottom_filters=8, num_groups=1, dropout_rate=0.1),
+        rpl=dict(patches_per_side=3, jitter=1, head_hidden=(8,), head_dropout=0.1),
     )
     task = rpl.make_task(config, in_channels=1)
     assert task.input_spec["spatial_dims"] == n
@@ -183,16 +190,10 @@ def test_make_task_smoke_config(n):
 
 
 def test_make_task_grid_fraction():
-    import ml_collections
-
-    config = ml_collections.ConfigDict(
-        dict(
-            data=dict(spatial_dims=3),
-            model=dict(filters=(4,), bottom_filters=4, num_groups=1, dropout_rate=0.0),
-            rpl=dict(
-                patches_per_side=3, jitter=1, grid_fraction=0.5, head_hidden=(8,), head_dropout=0.0
-            ),
-        )
+    config = _rpl_config(
+        3,
+        model=dict(filters=(4,), bottom_filters=4, num_groups=1, dropout_rate=0.0),
+        rpl=dict(patches_per_side=3, jitter=1, grid_fraction=0.5, head_hidden=(8,)),
     )
     task = rpl.make_task(config, in_channels=1)
     assert task.input_spec["grid_fraction"] == 0.5
