@@ -290,8 +290,14 @@ def test_segmentation_model_onednn_equals_xla(case):
             return SegmentationModel(
                 2,
                 3,
+                spatial_dims=spec["spatial_dims"],
                 encoder=EncoderConfig(
-                    filters=(4, 8), bottom_filters=8, num_groups=2, conv_impl=impl, **spec
+                    filters=(4, 8),
+                    bottom_filters=8,
+                    num_groups=2,
+                    conv_impl=impl,
+                    remat=spec["remat"],
+                    downsample=spec["downsample"],
                 ),
                 rngs=rngs,
             )

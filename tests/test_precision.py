@@ -221,7 +221,7 @@ def test_finetuning_models_compute_in_bf16_with_f32_params(model):
         cls = VoxelLinearProbe if model == "probe" else SegmentationModel
 
         def build(rngs):
-            return cls(2, SEG_CLASSES, rngs=rngs, **enc)
+            return cls(2, SEG_CLASSES, encoder=enc, rngs=rngs)
 
         batch = {
             "image": jax.ShapeDtypeStruct((2, 16, 16, 16, 2), jnp.float32),
