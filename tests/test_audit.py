@@ -39,6 +39,7 @@ def _cell_constant_volumes(side: int, p: int, count: int = 2) -> np.ndarray:
     return np.broadcast_to(vol[None, ..., None], (count, *vol.shape, 1)).copy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", audit.TASKS)
 def test_position_labels_are_the_cells_the_patches_came_from(task):
     config = audit.task_config(task, "smoke")
@@ -73,6 +74,7 @@ def smoke_inputs():
     return train, test
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["rpl", "jigsaw"])
 def test_random_grid_near_chance_and_fixed_grid_flagged(smoke_inputs, task):
     """The smoke config's random grid: held-out single-patch accuracy <= 2.5x chance; the

@@ -149,6 +149,7 @@ def test_intensity_matches_formula(dims):
         np.testing.assert_allclose(np.asarray(out[b]), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", DIMS)
 def test_zoom(dims):
     x = jax.random.normal(jax.random.key(2), (N, *_shape(dims)))

@@ -154,6 +154,7 @@ DAMAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 def test_bad_input_names_the_file_and_keeps_checkpoints(complete_run, tmp_path, damage):
     data, workdir = complete_run
@@ -203,6 +204,7 @@ def test_empty_data_folder(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow
 def test_finetune_without_pretraining_checkpoint(complete_run, tmp_path):
     data, _ = complete_run
     config = _config(data)
@@ -211,6 +213,7 @@ def test_finetune_without_pretraining_checkpoint(complete_run, tmp_path):
         run.run(config, str(tmp_path / "fresh_workdir"))
 
 
+@pytest.mark.slow
 def test_workdir_of_another_task_is_refused(complete_run, tmp_path):
     data, workdir = complete_run
     other = tmp_path / "work"
@@ -222,6 +225,7 @@ def test_workdir_of_another_task_is_refused(complete_run, tmp_path):
     assert _snapshot(other / "checkpoints") == before
 
 
+@pytest.mark.slow
 def test_finetune_refuses_encoder_with_other_channel_count(complete_run, tmp_path):
     data, workdir = complete_run
     config = _config(data)
@@ -232,6 +236,7 @@ def test_finetune_refuses_encoder_with_other_channel_count(complete_run, tmp_pat
         run.run(config, str(tmp_path / "ft"))
 
 
+@pytest.mark.slow
 def test_finetune_refuses_encoder_of_other_dimensionality(complete_run, tmp_path):
     data, workdir = complete_run
     config = _config(data)
@@ -317,6 +322,7 @@ def test_shape_failure_of_a_task_becomes_a_size_error(monkeypatch):
         tasks.get_task(config, in_channels=1)
 
 
+@pytest.mark.slow
 def test_too_small_size_stops_before_any_checkpoint(complete_run, tmp_path):
     data, workdir = complete_run
     work = tmp_path / "work"

@@ -162,6 +162,7 @@ def test_cpc_patches_are_augmented_grid_cells(volumes):
         assert 0 < flipped < BATCH * int(c.patches_per_side) ** 3
 
 
+@pytest.mark.slow
 def test_exemplar_negatives_are_other_volumes_positives(volumes):
     for anchors, positives, negatives, index in both("exemplar", volumes):
         assert index.dtype == np.int32

@@ -94,6 +94,7 @@ def test_encoder_only_restore_into_segmentation_model(saved, config, mesh):
     assert "head" in state.params and "head" not in seg
 
 
+@pytest.mark.slow
 def test_restore_refuses_wrong_channel_count(saved, config, mesh):
     ckpt_dir, _ = saved
     _, seg = step_lib.init_params(
@@ -292,6 +293,7 @@ os.kill(os.getpid(), signal.SIGKILL)  # while the asynchronous save of step 2 is
 """
 
 
+@pytest.mark.slow
 def test_killed_save_leaves_no_step_that_looks_complete(tmp_path, mesh):
     directory = tmp_path / "ck"
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))

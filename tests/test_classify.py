@@ -117,6 +117,7 @@ def _init_params(config, arm):
 # --- model ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hidden", [None, 8])
 def test_logits_shape_and_parts(hidden):
     model = ClassificationModel(
@@ -135,6 +136,7 @@ def test_logits_shape_and_parts(hidden):
         np.testing.assert_allclose(logits, 0.0)
 
 
+@pytest.mark.slow
 def test_all_arms_share_the_initial_encoder():
     config = _config()
     probe = _init_params(config, "probe")
@@ -154,6 +156,7 @@ def test_random_flips_permute_pixels():
         assert any(bool(jnp.all(y[i] == o)) for o in options)
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_visible_grades():
     # 10 dark images with a bright central square whose side grows with the grade. (Not the
     # brightness itself: GroupNorm removes a global intensity scale.)
@@ -194,6 +197,7 @@ def test_confusion_matrix_rows_are_truth():
 # --- arms ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pretrained_restores_encoder_and_warms_up_frozen(pretrained_run, pretext):
     workdir, result = pretrained_run
     enc0 = _encoder_leaves(pretext[1])
@@ -210,6 +214,7 @@ def test_pretrained_restores_encoder_and_warms_up_frozen(pretrained_run, pretext
     assert any(not np.array_equal(v, enc0[k]) for k, v in _encoder_leaves(final["encoder"]).items())
 
 
+@pytest.mark.slow
 def test_probe_trains_only_a_linear_head(tmp_path, dataset, splits, pretext, mesh):
     config = _config()
     result = downstream.run(
@@ -225,6 +230,7 @@ def test_probe_trains_only_a_linear_head(tmp_path, dataset, splits, pretext, mes
     assert not np.array_equal(final["head"]["kernel"], head0["kernel"])
 
 
+@pytest.mark.slow
 def test_scratch_trains_everything_from_the_shared_init(tmp_path, dataset, splits, mesh):
     config = _config()
     config.finetune.num_steps = 2
@@ -238,6 +244,7 @@ def test_scratch_trains_everything_from_the_shared_init(tmp_path, dataset, split
     assert any(not np.array_equal(v, init[k]) for k, v in final.items())
 
 
+@pytest.mark.slow
 def test_random_controls_are_their_arms_on_the_random_encoder(tmp_path, dataset, splits, mesh):
     config = _config()
     for control, arm in (("random_warmup", "pretrained"), ("random_probe", "probe")):
@@ -269,6 +276,7 @@ def test_random_controls_are_their_arms_on_the_random_encoder(tmp_path, dataset,
         np.testing.assert_array_equal(v, _encoder_leaves(init["encoder"])[k])
 
 
+@pytest.mark.slow
 def test_results_are_consistent_and_json_able(pretrained_run, splits):
     _, result = pretrained_run
     json.dumps(result)
@@ -299,6 +307,7 @@ def test_results_are_consistent_and_json_able(pretrained_run, splits):
     np.testing.assert_array_equal(cm.sum(1), np.bincount(y_true, minlength=5))
 
 
+@pytest.mark.slow
 def test_rerun_resumes_from_the_final_checkpoint(pretrained_run, dataset, splits, pretext, mesh):
     workdir, first = pretrained_run
     again = downstream.run(

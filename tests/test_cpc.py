@@ -188,6 +188,7 @@ def _one_hot_setup(b=3, n=8):
     return latents, positive
 
 
+@pytest.mark.slow
 def test_info_nce_positive_is_true_target():
     latents, positive = _one_hot_setup()
     b, n, _ = latents.shape
@@ -222,6 +223,7 @@ def test_info_nce_negatives():
     assert float(acc) == 1.0
 
 
+@pytest.mark.slow
 def test_info_nce_uses_global_batch_negatives():
     """All-batch negatives differ from per-shard negatives (what a per-device loss would do)."""
     k1, k2 = jax.random.split(jax.random.key(0))
@@ -268,6 +270,7 @@ def _value_and_grad(n):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", DIMS)
 def test_loss_at_init_and_overfit(n):
     _, params = _params(n)
@@ -300,6 +303,7 @@ def test_no_retrace(n):
     assert len(_TRACES[n]) == 1 and float(a) != float(b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", DIMS)
 def test_eight_devices_equal_one_device_with_cross_device_negatives(n):
     """Different volumes on every device: the loss depends on all of them through the negatives,

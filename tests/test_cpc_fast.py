@@ -98,6 +98,7 @@ def _ids(case) -> str:
     return "x".join(map(str, case[0])) + f"-P{case[1]}-{'train' if case[6] else 'eval'}-{case[7]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_fused_make_batch_is_bit_identical_to_the_stepwise_version(case):
     spatial, p, j, vc, pc, flip, training, dtype = case
@@ -121,6 +122,7 @@ GRID_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", GRID_CASES, ids=lambda c: f"{_ids(c[:7] + ('float32',))}-f{c[7]}")
 def test_fused_make_batch_with_a_random_grid_is_bit_identical(case):
     spatial, p, training = case[0], case[1], case[6]

@@ -260,6 +260,7 @@ def test_train_dataset_batches_and_epochs(source):
     assert [int(b["case_index"][0]) for b in other] != order
 
 
+@pytest.mark.slow
 def test_train_dataset_multiprocess_matches(source):
     t = preprocess.Preprocess(size=8, mode="resize", normalization="zscore")
     kw = dict(batch_size=2, seed=0)
@@ -370,6 +371,7 @@ def test_nan_voxels(root, tmp_path):
         brats.BratsSource(cases)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_error_surfaces_through_pipeline(root, tmp_path, num_workers):
     data, cases = _copy_dataset(root, tmp_path)

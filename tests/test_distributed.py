@@ -282,6 +282,7 @@ def runs(tmp_path_factory):
     return multi, single, first, resumed, single_out
 
 
+@pytest.mark.slow
 def test_processes_form_one_run_of_two_devices(runs):
     _, _, first, resumed, single_out = runs
     for outputs in (first, resumed):
@@ -291,6 +292,7 @@ def test_processes_form_one_run_of_two_devices(runs):
     assert "1 process(es), 2 device(s)" in single_out
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_two_devices(runs):
     """Steps 1-2 (first launch) and 3-4 (resumed launch, each process restoring its own data
     position) give the losses of an uninterrupted single-process run on the same global batch:
@@ -311,6 +313,7 @@ def test_two_processes_train_like_one_process_with_two_devices(runs):
     assert len({one[s]["loss"] for s in one}) == 4
 
 
+@pytest.mark.slow
 def test_each_process_checkpoints_its_own_data_position(runs):
     multi, *_ = runs
     data = multi / "checkpoints" / "2" / "data"
@@ -323,12 +326,14 @@ def test_each_process_checkpoints_its_own_data_position(runs):
         assert (multi / "checkpoints" / str(step) / "state").is_dir()
 
 
+@pytest.mark.slow
 def test_resumed_launch_restored_on_every_process(runs):
     _, _, _, resumed, _ = runs
     for out in resumed:
         assert "Resuming pretraining from step 2" in out
 
 
+@pytest.mark.slow
 def test_only_process_zero_writes_the_run_files(runs):
     """One metrics record per step and probe (process 1 computes the same values and writes
     none), one splits.json."""

@@ -44,6 +44,7 @@ def test_config_file_names_the_task_and_the_task_is_complete(name, dims):
     assert isinstance(task.couples_batch, bool)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, dims", CASES, ids=[f"{n}-{d}d" for n, d in CASES])
 def test_loss_and_sample_shapes(name, dims):
     config = _config(name, dims)

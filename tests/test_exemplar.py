@@ -89,6 +89,7 @@ def test_triplet_roles_exact_geometric(dims):
         assert np.all(negatives[i] == neg[i] + 1) and not np.any(negatives[i] == i + 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", DIMS)
 def test_triplet_views_are_augmentations_of_their_volume(dims):
     # Random volumes, flips / 90° turns only: each view is a permutation of its own volume's
@@ -210,6 +211,7 @@ def test_one_shared_head(dims):
     # (unit-norm embeddings are checked in test_eight_devices_equal_one_device)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", DIMS)
 def test_loss_determinism_no_retrace_and_overfit(dims):
     _, _, params, value_and_grad, traces = _setup(dims)
@@ -233,6 +235,7 @@ def test_loss_determinism_no_retrace_and_overfit(dims):
     assert float(metrics["d_neg"]) > float(metrics["d_pos"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", DIMS)
 def test_eight_devices_equal_one_device(dims):
     task, graphdef, params, _, _ = _setup(dims)

@@ -42,6 +42,7 @@ def _rows(workdir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_sweep_writes_csv_md_and_plot_with_all_arms(sweep):
     workdir, _ = sweep
     rows = _rows(workdir)
@@ -78,6 +79,7 @@ def test_sweep_writes_csv_md_and_plot_with_all_arms(sweep):
     assert not (workdir / "baselines" / "rep0").exists()  # nothing pretrained for them
 
 
+@pytest.mark.slow
 def test_split_files_shared_by_all_methods(sweep):
     workdir, _ = sweep
     results = list(workdir.glob("*/runs/*/finetune/*/result.json"))
@@ -109,6 +111,7 @@ def _encoder(ckpt_dir) -> dict:
         return ckpt.restore_params(step, {"encoder": shapes["encoder"]})["encoder"]
 
 
+@pytest.mark.slow
 def test_repetitions_pretrain_and_finetune_with_their_own_seeds(sweep):
     workdir, _ = sweep
     # One pretrained encoder per repetition, shared by its fractions, from different seeds.
@@ -135,6 +138,7 @@ def test_repetitions_pretrain_and_finetune_with_their_own_seeds(sweep):
     assert seeds == {0: {0}, 1: {1000}}
 
 
+@pytest.mark.slow
 def test_rerun_reuses_results_and_identical_split_files(sweep, tmp_path):
     workdir, base = sweep
     before = {p.name: p.read_bytes() for p in (workdir / "splits").iterdir()}

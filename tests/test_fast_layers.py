@@ -46,6 +46,7 @@ def _ref(x, w):
     return lax.conv_general_dilated(x, w, (1,) * n, "SAME", dimension_numbers=dn)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "x_shape,cout",
     [
@@ -80,6 +81,7 @@ def test_fast_conv_forward_and_gradients(x_shape, cout, impl):
         _close(got, want)
 
 
+@pytest.mark.slow
 def test_stacked_conv_bfloat16_close_to_xla():
     x = jax.random.normal(jax.random.key(1), (2, 5, 5, 5, 4)).astype(jnp.bfloat16)
     w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4, 4)).astype(jnp.bfloat16)
@@ -140,6 +142,7 @@ def _loss_and_grads(model, x):
     return f(params, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spatial_dims,shape,remat,impl",
     [(3, (1, 5, 4, 3, 2), True, "taps2d"), (3, (1, 9, 8, 7, 2), False, "fallback")],
@@ -166,6 +169,7 @@ def test_segmentation_model_fast_equals_plain(spatial_dims, shape, remat, impl):
     jax.tree.map(_close, gp, gp_ref)
 
 
+@pytest.mark.slow
 def test_conv_block_2d_wstacked_equals_plain():
     x = jax.random.normal(jax.random.key(4), (2, 7, 6, 3))
     blocks = [
@@ -175,6 +179,7 @@ def test_conv_block_2d_wstacked_equals_plain():
     assert_same_sin_gradients(blocks, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "x_shape", [(2, 6, 5, 7, 3), (1, 1, 2, 3, 2), (2, 7, 6, 3)], ids=["3d-odd", "3d-tiny", "2d"]
 )
@@ -205,6 +210,7 @@ def test_stride2_auto_without_onednn_is_space_to_depth(x_shape):
     assert "stride = [2" in xla_hlo
 
 
+@pytest.mark.slow
 def test_encoder_conv_downsampling_fast_equals_nnx_conv():
     """downsample='conv': the s2d DownConv equals nnx.Conv(strides=2) in a whole encoder."""
     x = jax.random.normal(jax.random.key(8), (1, 5, 4, 3, 2))

@@ -92,6 +92,7 @@ def result(tmp_path_factory):
     return res, out
 
 
+@pytest.mark.slow
 def test_json_matches_returned_result(result):
     res, out = result
     with open(out / "input_pipeline.json") as f:

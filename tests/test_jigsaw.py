@@ -129,6 +129,7 @@ def test_labels_reorder_cell_constant_patches(dims, training):
     assert set(np.concatenate(all_labels).tolist()) == set(range(K))  # every class drawn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grid_fraction", [1.0, 0.7])
 @pytest.mark.parametrize("dims", DIMS)
 def test_sample_puzzle_equals_permuted_extract_grid(dims, grid_fraction):
@@ -164,6 +165,7 @@ def test_eval_mode_uses_centre_crops(dims):
     assert not np.array_equal(*labels_seen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", DIMS)
 def test_make_batch_determinism(dims):
     vols = jax.random.normal(jax.random.key(0), (4, *([SIDE] * dims), 1))
@@ -234,6 +236,7 @@ def test_make_task(dims):
         jax.eval_shape(loss, params, volumes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", DIMS)
 def test_no_retrace(dims):
     _, _, params, value_and_grad, traces = _setup(dims)
@@ -243,6 +246,7 @@ def test_no_retrace(dims):
     assert traces[0] == count and np.isfinite(float(loss))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", DIMS)
 def test_loss_at_init_and_overfit(dims):
     _, _, params, value_and_grad, _ = _setup(dims)
@@ -262,6 +266,7 @@ def test_loss_at_init_and_overfit(dims):
     assert float(metrics["accuracy"]) >= 0.75
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", DIMS)
 def test_eight_devices_equal_one(dims):
     _, _, params, value_and_grad, _ = _setup(dims)
@@ -328,6 +333,7 @@ def test_sample_puzzles_labels_name_distinct_permutations(dims):
         jigsaw.sample_puzzles(vol, key, **kw, num_puzzles=K + 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", DIMS)
 def test_many_puzzles_equal_shuffled_copies(dims):
     """puzzle_logits on patches encoded once equals the model on each shuffled copy, and the loss

@@ -19,6 +19,7 @@ def smoke_run(tmp_path_factory):
     return workdir, proc
 
 
+@pytest.mark.slow
 def test_default_command_end_to_end_smoke(smoke_run):
     workdir, proc = smoke_run
     # Built-in phantom data was generated into the cache folder, in BraTS layout.
@@ -73,6 +74,7 @@ def test_default_command_end_to_end_smoke(smoke_run):
     assert set(splits["labeled"]) <= set(splits["train"])
 
 
+@pytest.mark.slow
 def test_rerun_resumes_instead_of_starting_over(smoke_run, tmp_path):
     workdir, _ = smoke_run
     proc = _run(
@@ -100,6 +102,7 @@ def test_mistyped_config_key_is_an_error(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_describes_itself(smoke_run):
     import ssl3d_jax
     from ssl3d_jax.checkpoint import Checkpointer
@@ -119,6 +122,7 @@ def test_checkpoint_describes_itself(smoke_run):
     assert meta["task_input"]
 
 
+@pytest.mark.slow
 def test_preprocess_command_fills_the_cache_once(tmp_path):
     cache = tmp_path / "cache"
     base = ["--config=configs/rpl.py:smoke", f"--workdir={tmp_path / 'work'}"]

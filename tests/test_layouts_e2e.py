@@ -38,6 +38,7 @@ def _check_predictions(arm: dict, data_root, test_cases, *, spatial_of) -> None:
         np.testing.assert_array_equal(pred.affine, ref.affine)
 
 
+@pytest.mark.slow
 def test_decathlon_pancreas_ct_all_arms(tmp_path):
     root = synthetic.write_decathlon_pancreas(tmp_path / "Task07_Pancreas", num_cases=6)
     workdir, proc = _main(tmp_path, "configs/rpl.py:smoke", root, ARMS)
@@ -63,6 +64,7 @@ def test_decathlon_pancreas_ct_all_arms(tmp_path):
     assert spec["ct_window"] == [-100.0, 240.0]
 
 
+@pytest.mark.slow
 def test_decathlon_brain_4d_scratch(tmp_path):
     root = synthetic.write_decathlon_brain(tmp_path / "Task01_BrainTumour", num_cases=5)
     workdir, _ = _main(
@@ -96,6 +98,7 @@ def test_decathlon_brain_4d_scratch(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_image_folder_classification_all_arms(tmp_path):
     root = synthetic.write_image_folder(tmp_path / "fundus", num_images=12)
     workdir, proc = _main(
@@ -111,6 +114,7 @@ def test_image_folder_classification_all_arms(tmp_path):
         assert arm["metrics"]["accuracy"] == pytest.approx(acc)
 
 
+@pytest.mark.slow
 def test_unlabelled_nifti_folder_pretrains_and_refuses_finetuning(tmp_path):
     files = synthetic.write_nifti_folder(tmp_path / "scans", num_files=4)
     root = tmp_path / "scans"
@@ -136,6 +140,7 @@ def test_unlabelled_nifti_folder_pretrains_and_refuses_finetuning(tmp_path):
     assert "has no labels" in proc.stderr and "config.mode='pretrain'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_random_crops_and_sliding_window_evaluation(tmp_path):
     """resize_mode='none': pretraining and finetuning on random 24³ crops of the (larger)
     preprocessed scans, evaluation by sliding windows, predictions back in each scan's grid."""

@@ -322,6 +322,7 @@ def test_accuracy():
         metrics.accuracy([0, 1], [0])
 
 
+@pytest.mark.slow
 def test_cross_entropy_equals_optax_integer_label_form():
     import jax
     import optax

@@ -34,6 +34,7 @@ def _ceil_half(s):
 POOL_CASES_2D = [(2, 4, 6, 3), (1, 5, 7, 2), (1, 1, 1, 1), (2, 13, 18, 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", POOL_CASES + POOL_CASES_2D)
 def test_max_pool2_matches_reduce_window(shape):
     n = len(shape) - 2
@@ -67,6 +68,7 @@ def test_bad_ranks_raise():
         ConvBlock(1, 4, rngs=nnx.Rngs(0))(jnp.zeros((1, 4, 4, 1)))  # 3D conv would not batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "n, in_shape", [(3, (2, 3, 4, 5)), (2, (2, 3, 5)), (2, (1, 1, 7))], ids=["3d", "2d", "2d_1x7"]
 )
@@ -122,6 +124,7 @@ def test_kernel_rank_is_3d():
     assert params["bottom"]["conv2"]["kernel"].shape == (3, 3, 3, 256, 256)
 
 
+@pytest.mark.slow
 def test_kernel_rank_is_2d():
     block = ConvBlock(3, 16, spatial_dims=2, rngs=nnx.Rngs(0))
     assert block.conv1.kernel.shape == (3, 3, 3, 16)
@@ -163,6 +166,7 @@ def seg_model_2d():
     return SegmentationModel(2, 3, spatial_dims=2, encoder=EncoderConfig(**SMALL), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spatial", SHAPE_CASES + SHAPE_CASES_2D)
 def test_encoder_decoder_shapes(request, spatial):
     model = request.getfixturevalue("seg_model" if len(spatial) == 3 else "seg_model_2d")
@@ -177,6 +181,7 @@ def test_encoder_decoder_shapes(request, spatial):
     assert logits.shape == (2, *spatial, 3)  # decoder output at the input's resolution
 
 
+@pytest.mark.slow
 def test_segmentation_forward_2d_odd_nonsquare(seg_model_2d):
     x = jax.random.normal(jax.random.key(0), (2, 13, 10, 2))
     logits = jax.jit(lambda v: seg_model_2d(v))(x)
@@ -209,6 +214,7 @@ def test_param_tree_keys(seg_model):
     assert jax.tree.leaves(rest) == []
 
 
+@pytest.mark.slow
 def test_dropout_needs_rngs_and_is_random():
     model = SegmentationModel(
         1, 2, encoder=EncoderConfig(**SMALL, dropout_rate=0.5), rngs=nnx.Rngs(0)
@@ -222,6 +228,7 @@ def test_dropout_needs_rngs_and_is_random():
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x)))
 
 
+@pytest.mark.slow
 def test_mlp_head():
     head = MLPHead(10, (16, 8), 5, dropout_rate=0.5, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (3, 10))

@@ -8,6 +8,8 @@ cell error, with a results.json of finite Dice and, for the quickstart, pictures
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import math
 import os
@@ -67,6 +69,7 @@ def test_committed_notebooks_have_no_outputs():
                 assert not cell.outputs and cell.execution_count is None, path.name
 
 
+@pytest.mark.slow
 def test_quickstart_runs_and_shows_dice_and_pictures(tmp_path):
     nb = _execute("quickstart.ipynb", tmp_path, devices=1)
     workdir = tmp_path / "quickstart_workdir"
@@ -82,6 +85,7 @@ def test_quickstart_runs_and_shows_dice_and_pictures(tmp_path):
     assert len(pngs) == len(figures)
 
 
+@pytest.mark.slow
 def test_colab_notebook_shards_over_devices_and_finetunes(tmp_path):
     nb = _execute("colab_tpu.ipynb", tmp_path, devices=2)
     text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))

@@ -99,6 +99,7 @@ SHAPES = {
 }
 
 
+@pytest.mark.slow
 @needs_onednn
 @pytest.mark.parametrize("case", list(SHAPES))
 def test_same_conv_equals_lax(case):
@@ -113,6 +114,7 @@ def test_same_conv_equals_lax(case):
     )
 
 
+@pytest.mark.slow
 @needs_onednn
 @pytest.mark.parametrize("case", ["3d-odd", "3d-even", "3d-1voxel", "3d-noncubic-6ch", "2d-odd"])
 def test_stride2_conv_equals_lax(case):
@@ -134,6 +136,7 @@ def _conv_transpose_ref(x, kernel):
     return layer(x)
 
 
+@pytest.mark.slow
 @needs_onednn
 @pytest.mark.parametrize("case", ["3d-odd", "3d-even", "3d-1voxel", "2d-odd"])
 def test_transposed_conv_equals_nnx_conv_transpose(case):
@@ -150,6 +153,7 @@ def test_transposed_conv_equals_nnx_conv_transpose(case):
     assert_same_sin_gradients(ups, x)
 
 
+@pytest.mark.slow
 @needs_onednn
 def test_bfloat16_close_to_float32():
     x = _random((2, 5, 6, 4, 8), 7)
@@ -164,6 +168,7 @@ def test_bfloat16_close_to_float32():
         _close(got, want, rtol=2e-2)
 
 
+@pytest.mark.slow
 @needs_onednn
 def test_second_derivatives_equal_lax():
     """The three primitives differentiate into each other: grad of grad works and is right."""
@@ -182,6 +187,7 @@ def test_second_derivatives_equal_lax():
         _close(a, b, rtol=1e-4)
 
 
+@pytest.mark.slow
 @needs_onednn
 def test_vmap_folds_activations_and_maps_kernels():
     xs = _random((3, 2, 5, 4, 3, 2), 12)  # 3 vmapped batches of 2 volumes
@@ -318,6 +324,7 @@ def _seg_config():
 TASKS = ("rpl", "rotation", "jigsaw", "cpc", "exemplar")
 
 
+@pytest.mark.slow
 @needs_onednn
 @pytest.mark.parametrize("name", TASKS)
 def test_pretext_model_onednn_equals_xla(name):
@@ -337,6 +344,7 @@ def test_pretext_model_onednn_equals_xla(name):
     _assert_same_loss_and_grads(results["onednn"], results["xla"], name)
 
 
+@pytest.mark.slow
 @needs_onednn
 def test_segmentation_step_accumulation_and_devices_with_onednn():
     """The real train step with 'onednn': accumulation 2 on 8 devices == 1 step on 1 device."""

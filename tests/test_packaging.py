@@ -70,6 +70,7 @@ def test_pyproject_installs_the_packages_the_command_and_the_pinned_requirements
     assert meta["tool"]["ruff"]["line-length"] == 100
 
 
+@pytest.mark.slow
 def test_help_explains_config_syntax_modes_and_outputs(tmp_path):
     proc = _command(["--help"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -92,6 +93,7 @@ def test_help_explains_config_syntax_modes_and_outputs(tmp_path):
     assert "see ssl3d_jax/run.py" not in text  # every mode has its own description
 
 
+@pytest.mark.slow
 def test_list_names_every_config_and_task_without_a_config(tmp_path):
     proc = _command(["--list"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -141,6 +143,7 @@ def test_missing_config_file_or_flag_is_one_line(tmp_path):
     assert proc.returncode == 2 and "--config is required" in proc.stderr
 
 
+@pytest.mark.slow
 def test_installed_ssl3d_command_runs_smoke_from_another_directory(tmp_path):
     exe = _installed_ssl3d()
     listing = _command(["--list"], cwd=tmp_path, exe=exe)

@@ -131,6 +131,7 @@ def test_determinism(n):
     assert_decided_by_key(_jitted(True), vol, jax.random.key(3), jax.random.key(4))
 
 
+@pytest.mark.slow
 def test_jit_vmap_matches_single():
     vols = jax.random.normal(jax.random.key(0), (3, *SHAPE, 1))
     keys = jax.random.split(jax.random.key(5), 3)

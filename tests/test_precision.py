@@ -321,6 +321,7 @@ def seg_step():
     return run
 
 
+@pytest.mark.slow
 def test_accumulation_is_exact_for_a_per_sample_loss(seg_step):
     grads1, metrics1, _ = seg_step(1, 1)
     grads4, metrics4, _ = seg_step(4, 1)
@@ -331,6 +332,7 @@ def test_accumulation_is_exact_for_a_per_sample_loss(seg_step):
     assert all(np.any(g) for g in jax.tree.leaves(grads1))
 
 
+@pytest.mark.slow
 def test_accumulation_on_eight_devices_equals_one_device_without_gathering(seg_step):
     grads1, metrics1, _ = seg_step(4, 1)
     grads8, metrics8, hlo = seg_step(4, 8)  # micro-batches of 8: one example per device
@@ -345,6 +347,7 @@ def test_accumulation_on_eight_devices_equals_one_device_without_gathering(seg_s
     assert re.search(r"\sall-reduce(?:-start)?\(", hlo)
 
 
+@pytest.mark.slow
 def test_bf16_segmentation_loss_and_gradients_are_close_to_f32():
     graphdef32, params = random_params(_seg_build())
     build16 = _seg_build(dtype=jnp.bfloat16)
@@ -375,6 +378,7 @@ def test_bf16_segmentation_loss_and_gradients_are_close_to_f32():
     assert not np.array_equal(v16, v32)  # it did compute in another precision
 
 
+@pytest.mark.slow
 def test_remat_same_gradients_less_temp_memory():
     """Dropout on: the recomputed forward must draw the same masks as the stored one. Through
     `jit_train_step`, whose CPU compiler options keep XLA:CPU from undoing the remat."""
@@ -409,6 +413,7 @@ def test_remat_same_gradients_less_temp_memory():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TASKS)
 def test_accumulated_step_is_the_mean_of_micro_batch_gradients(name):
     accum, batch_size, step_index = 2, 4, 3

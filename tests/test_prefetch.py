@@ -235,6 +235,7 @@ def _wait_fraction(tmp_path, *, read_s: float, step_s: float, prefetch: int = 2)
     return record["data_wait_fraction"]
 
 
+@pytest.mark.slow
 def test_data_wait_fraction_is_the_time_the_device_waits(tmp_path):
     # Reading (60 ms) is slower than the step (10 ms): the device idles ~5/6 of the time.
     assert _wait_fraction(tmp_path / "slow", read_s=0.06, step_s=0.01) > 0.6

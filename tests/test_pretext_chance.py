@@ -230,6 +230,7 @@ def test_no_metrics_no_summary(tmp_path):
     assert pretrain.read_summary(str(tmp_path)) is None
 
 
+@pytest.mark.slow
 def test_pretraining_that_learns_nothing_is_flagged_also_when_found_complete(tmp_path, caplog):
     """RPL at smoke size with learning rate 0: the loss stays at ln 26 (the initial logits are
     nearly uniform), the summary says near_chance, and a rerun of the complete run (nothing
@@ -296,6 +297,7 @@ def _exemplar_metrics(anchors, positives, margin=1.0):
     return {k: float(v) for k, v in metrics.items()}
 
 
+@pytest.mark.slow
 def test_exemplar_metrics_on_hand_made_embeddings():
     # Triplet 0: a = (1, 0), p = (0, 1), n = p_1 = (0.6, -0.8): d_pos 2 > d_neg 0.8 (wrong).
     # Triplet 1: a = (0, -1), p = (0.6, -0.8), n = p_0 = (0, 1): d_pos 0.4 < d_neg 4 (right).

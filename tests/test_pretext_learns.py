@@ -67,6 +67,7 @@ def test_every_registered_task_has_a_learning_test():
     assert set(STEPS) == set(tasks.names())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", tuple(STEPS))
 def test_default_pretext_loss_falls_below_chance(task, phantom_roots, tmp_path):
     size = SIZE.get(task, "smoke")

@@ -55,6 +55,7 @@ def test_upsample_repeat_is_nearest_aligned_with_pooling():
             np.testing.assert_array_equal(y[0, i, j], x[0, i // 4, j // 4])
 
 
+@pytest.mark.slow
 def test_voxel_probe_shape_head_size_and_definition(dims):
     k = 3
     size = 13  # odd: ceil pooling, upsampled levels are cropped
@@ -242,6 +243,7 @@ def test_knn_probe_separates_by_construction_without_recompiling(dims):
     assert probe.num_traces == 1
 
 
+@pytest.mark.slow
 def test_knn_probe_matches_eager_features_of_a_real_encoder(dims):
     rng = np.random.default_rng(0)
     size = 12 if dims == 3 else 16
@@ -260,6 +262,7 @@ def test_knn_probe_matches_eager_features_of_a_real_encoder(dims):
     assert probe.num_traces == 1
 
 
+@pytest.mark.slow
 def test_pooled_features_with_skips():
     enc = _init(lambda rngs: Encoder3D(1, spatial_dims=2, rngs=rngs, **ENC))
     x = jax.random.normal(jax.random.key(0), (3, 16, 16, 1))

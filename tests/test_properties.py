@@ -173,6 +173,7 @@ def test_random_grid_starts_inside_volume_with_one_origin(case, fraction):
     assert np.all(starts + np.array(pshape) <= np.array(shape[:n]))
 
 
+@pytest.mark.slow
 @_settings(30)
 @given(case=grid_cases())
 def test_extract_grid_is_the_numpy_slice_at_the_reported_starts(case):
@@ -192,6 +193,7 @@ def test_extract_grid_is_the_numpy_slice_at_the_reported_starts(case):
     assert _same(out, want)
 
 
+@pytest.mark.slow
 @_settings(25)
 @given(
     spatial=st.lists(st.integers(1, 7), min_size=2, max_size=3),
@@ -241,6 +243,7 @@ def _symmetries(x: np.ndarray):
             yield np.flip(moved, axes) if axes else moved
 
 
+@pytest.mark.slow
 @_settings(15)
 @given(case=cubes())
 def test_random_flip_is_an_involution_and_a_flip(case):
@@ -275,6 +278,7 @@ def test_random_rot90_is_one_of_the_quarter_turns(case):
     assert any(_same(out, t) for t in turns)
 
 
+@pytest.mark.slow
 @_settings(12)
 @given(case=cubes(dtypes=FLOAT_DTYPES + ("int32",)))
 def test_augment_without_resampling_is_a_cube_symmetry(case):
@@ -287,6 +291,7 @@ def test_augment_without_resampling_is_a_cube_symmetry(case):
     assert any(_same(out, s) for s in _symmetries(x))
 
 
+@pytest.mark.slow
 @_settings(8)
 @given(case=cubes(dtypes=FLOAT_DTYPES))
 def test_augment_keeps_shape_dtype_and_finiteness(case):
@@ -297,6 +302,7 @@ def test_augment_keeps_shape_dtype_and_finiteness(case):
     assert np.all(np.isfinite(np.asarray(out, np.float32)))
 
 
+@pytest.mark.slow
 @_settings(6)
 @given(case=cubes(dtypes=FLOAT_DTYPES))
 def test_zero_angles_and_unit_zoom_are_exact_identities(case):
@@ -332,6 +338,7 @@ def test_rotation_task_classes_are_the_table_turns(case, data):
     assert _same(_jit(rotation.rotate)(x, jnp.int32(label)), want)  # traced label (lax.switch)
 
 
+@pytest.mark.slow
 @_settings(15)
 @given(case=grid_cases())
 def test_rpl_pair_is_the_centre_and_the_labelled_grid_patch(case):
@@ -350,6 +357,7 @@ def test_rpl_pair_is_the_centre_and_the_labelled_grid_patch(case):
     assert _same(pair, np.stack([grid[n // 2], grid[query]]))
 
 
+@pytest.mark.slow
 @_settings(15)
 @given(case=grid_cases(), num_perms=st.integers(1, 5))
 def test_jigsaw_puzzle_is_a_permutation_of_the_grid(case, num_perms):
@@ -370,6 +378,7 @@ def test_jigsaw_puzzle_is_a_permutation_of_the_grid(case, num_perms):
     assert _same(shuffled, np.asarray(grid)[perms[int(label)]])
 
 
+@pytest.mark.slow
 @_settings(15)
 @given(n=st.integers(2, 9), seed=st.integers(0, 2**31 - 1))
 def test_exemplar_negatives_are_a_single_cycle_without_fixed_points(n, seed):

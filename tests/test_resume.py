@@ -148,6 +148,7 @@ def reference(tmp_path_factory, cache):
     return workdir
 
 
+@pytest.mark.slow
 def test_killed_twice_resumes_to_identical_metrics(reference, cache, tmp_path):
     """Killed during pretraining (grain with a worker process), then again during finetuning:
     the third start completes, and metrics.jsonl (every phase: pretraining, its kNN probe
@@ -193,6 +194,7 @@ def test_killed_twice_resumes_to_identical_metrics(reference, cache, tmp_path):
     assert _scores(workdir) == _scores(reference)  # the finetuned models' test Dice
 
 
+@pytest.mark.slow
 def test_keeps_the_newest_checkpoints_only(reference):
     """keep-N: pretraining keeps `keep_checkpoints` (3) steps, each finetuning arm 2; no
     temporary folder is left."""
@@ -201,6 +203,7 @@ def test_keeps_the_newest_checkpoints_only(reference):
     assert sorted(p.name for p in arm.iterdir()) == ["2", "4"]
 
 
+@pytest.mark.slow
 def test_unreadable_final_checkpoint_falls_back_to_identical_metrics(reference, cache, tmp_path):
     """The final pretraining checkpoint truncated: the rerun warns, sets it aside, retrains from
     the one before, and logs the same records again."""
@@ -234,6 +237,7 @@ def _tree_digest(folder) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_step_and_cases(reference, cache, tmp_path):
     """Continuing the finished pretraining with a NaN learning rate: step 13 turns the params to
     NaN, so the loss of step 14 is NaN. The run exits with an error naming step 14 and the cases

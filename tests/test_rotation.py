@@ -233,6 +233,7 @@ class _Oracle:
         return jnp.roll(50.0 * match.astype(jnp.float32), self.shift, axis=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spatial_dims", [3, 2])
 def test_loss_uses_the_labels_it_rotated_by(spatial_dims):
     ref = jnp.asarray(coordinate_volume(4, spatial_dims))
@@ -288,6 +289,7 @@ def test_model_logits_shape_and_size_check(spatial_dims):
         jax.eval_shape(lambda x: model(x), bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spatial_dims", [3, 2])
 def test_loss_at_init_and_overfit(spatial_dims):
     _, _, params, value_and_grad = _task_and_step(spatial_dims)
@@ -305,6 +307,7 @@ def test_loss_at_init_and_overfit(spatial_dims):
     assert float(metrics["accuracy"]) == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spatial_dims", [3, 2])
 def test_eight_devices_equal_one_device(spatial_dims):
     task, _, params, value_and_grad = _task_and_step(spatial_dims)
@@ -321,6 +324,7 @@ def test_eight_devices_equal_one_device(spatial_dims):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), ga, gb)
 
 
+@pytest.mark.slow
 def test_make_task_with_dropout():
     # Dropout adds no params: the dropout model reuses the shared init.
     _, _, params, _ = _task_and_step(3)

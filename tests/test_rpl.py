@@ -131,6 +131,7 @@ def _model_and_step(n):
     return model, params, jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [3, 2])
 def test_model_logits_shape(n):
     model, _, _ = _model_and_step(n)
@@ -144,6 +145,7 @@ def test_model_logits_shape(n):
 # Measured (60 Adam steps, lr 3e-3): 3D 3.258 -> 0.257, 2D 2.079 -> 0.048, accuracy 1.0 in
 # both. The loss first drops towards log(4) (label marginal of the 4 pairs), then the encoder
 # learns to tell the pairs apart.
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [3, 2])
 def test_loss_at_init_and_overfit(n):
     _, params, value_and_grad = _model_and_step(n)
@@ -171,6 +173,7 @@ def _rpl_config(n, **sections):
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [3, 2])
 def test_make_task_smoke_config(n):
     config = _rpl_config(
@@ -189,6 +192,7 @@ def test_make_task_smoke_config(n):
         task.loss(model, jnp.ones((2, *(12,) * (5 - n), 1)), jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_make_task_grid_fraction():
     config = _rpl_config(
         3,
@@ -245,6 +249,7 @@ def test_sample_queries_labels_mean_query_cells(n, q):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [3, 2])
 def test_query_logits_equal_one_pair_at_a_time(n):
     """Q queries against one reference give the logits of the Q pairs classified one by one, and

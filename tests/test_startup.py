@@ -5,6 +5,8 @@ optimisation."""
 
 from __future__ import annotations
 
+import pytest
+
 import jax
 import numpy as np
 import optax
@@ -15,6 +17,7 @@ from ssl3d_jax import parallel, tasks
 from ssl3d_jax.train import step as step_lib
 
 
+@pytest.mark.slow
 def test_init_compiles_at_level_zero_on_cpu_and_gives_the_optimised_values():
     mesh = parallel.make_mesh(jax.devices()[:1])
     assert step_lib.init_compiler_options(mesh) == {"xla_backend_optimization_level": 0}

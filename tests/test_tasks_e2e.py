@@ -16,6 +16,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task,dims", CASES, ids=[f"{t}-{d}" for t, d in CASES])
 def test_smoke_end_to_end(task, dims, tmp_path_factory):
     base = tmp_path_factory.mktemp(f"{task}_{dims}")

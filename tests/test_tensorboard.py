@@ -84,6 +84,7 @@ def smoke_run(tmp_path_factory):
     return config, workdir, records, results
 
 
+@pytest.mark.slow
 def test_every_metric_record_is_a_scalar_at_its_step(smoke_run):
     config, workdir, records, _ = smoke_run
     runs = {p: load_run(workdir / "tensorboard" / p) for p in ("pretrain", "finetune/probe")}
@@ -113,6 +114,7 @@ def test_every_metric_record_is_a_scalar_at_its_step(smoke_run):
     assert chance and all(v == pytest.approx(math.log(26), rel=1e-6) for v in chance)
 
 
+@pytest.mark.slow
 def test_finetune_test_scores_and_learning_rate(smoke_run):
     config, workdir, _, results = smoke_run
     scalars, _ = load_run(workdir / "tensorboard" / "finetune" / "probe")
@@ -129,6 +131,7 @@ def test_finetune_test_scores_and_learning_rate(smoke_run):
     assert pretext["step"] == config.pretrain.num_steps and isinstance(pretext["near_chance"], bool)
 
 
+@pytest.mark.slow
 def test_pretext_inputs_and_segmentation_overlays_are_images(smoke_run):
     config, workdir, _, _ = smoke_run
     _, images = load_run(workdir / "tensorboard" / "pretrain")

@@ -54,6 +54,7 @@ def _make(task, devices, tx, counter=None):
     return mesh, state, step
 
 
+@pytest.mark.slow
 def test_no_retrace_across_steps(task, volumes):
     traces = []
     mesh, state, step = _make(task, jax.devices(), optax.adam(1e-3), traces)
@@ -65,6 +66,7 @@ def test_no_retrace_across_steps(task, volumes):
     assert int(state.step) == 3
 
 
+@pytest.mark.slow
 def test_batch_is_sharded_and_state_replicated(task, volumes):
     mesh, state, step = _make(task, jax.devices(), optax.adam(1e-3))
     batch = parallel.put_batch({"image": volumes}, parallel.data_sharded(mesh))
@@ -97,6 +99,7 @@ LOSS_RTOL = 1e-5
 GRAD_RTOL, GRAD_ATOL_SCALE = 1e-4, 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,dims", GRAD_CASES)
 def test_loss_and_gradients_equal_on_one_and_eight_devices(name, dims):
     config = importlib.import_module(f"configs.{name}").get_config(f"smoke,{dims}")
@@ -161,6 +164,7 @@ def test_batch_size_not_divisible_by_devices_is_a_config_error():
         parallel.check_batch_size(6, mesh, "config.pretrain.batch_size")
 
 
+@pytest.mark.slow
 def test_frozen_parts_get_no_update_and_keep_their_optimizer_state(task, volumes):
     """The finetuning warm-up: only the trainable parts move, the frozen part's Adam state is
     untouched (so unfreezing continues it instead of resetting it, unlike the original)."""
@@ -274,6 +278,7 @@ def finetune_data(tmp_path_factory):
     return config, dataset, data_lib.base_split(config, dataset)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arm,control", CONTROLS)
 def test_control_is_bit_identical_to_its_arm_when_the_restore_returns_the_random_encoder(
     arm, control, finetune_data, tmp_path, monkeypatch

@@ -28,6 +28,7 @@ def smoke_run(tmp_path_factory):
     return report, out
 
 
+@pytest.mark.slow
 def test_json_rows_are_consistent(smoke_run):
     report, out = smoke_run
     with open(out + ".json") as f:
@@ -54,6 +55,7 @@ def test_json_rows_are_consistent(smoke_run):
     assert written["phases"] == []
 
 
+@pytest.mark.slow
 def test_markdown_shows_the_json_rows(smoke_run):
     report, out = smoke_run
     with open(out + ".md") as f:
@@ -116,6 +118,7 @@ def test_torch_twin_smoke_step_trains_every_parameter(kind):
     assert lr > 0
 
 
+@pytest.mark.slow
 def test_torch_twin_heads_and_losses_match_jax():
     """The twins' non-convolutional math (Flax GRU cell, CPC InfoNCE with the GRU context and
     per-term predictors, exemplar normalisation + triplet loss) equals the JAX code's on the same

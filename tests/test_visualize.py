@@ -78,6 +78,7 @@ def run_3d(tmp_path_factory):
     return workdir, run_lib.run(config, str(workdir))
 
 
+@pytest.mark.slow
 def test_visualize_mode_writes_every_figure_3d(run_3d):
     workdir, written = run_3d
     names = [p.rsplit("/", 1)[1] for p in written]
@@ -91,6 +92,7 @@ def test_visualize_mode_writes_every_figure_3d(run_3d):
         _check_png(path, kind)
 
 
+@pytest.mark.slow
 def test_visualize_mode_2d_and_skips_without_run(tmp_path, caplog):
     config = _config(jigsaw_config, "smoke,2d", tasks=("all",))
     with caplog.at_level(logging.INFO, logger="ssl3d_jax"):
