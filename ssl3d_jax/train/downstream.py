@@ -145,10 +145,8 @@ def run(config, workdir: str, arm: str, splits: dict, dataset, *, init_from=None
     task.check(config, dataset, labeled + val + test)
     cfg = config.finetune
     mesh = parallel.make_mesh() if mesh is None else mesh
-    parallel.check_batch_size(cfg.batch_size, mesh, "config.finetune.batch_size")
-    accum = step_lib.grad_accum_steps(
-        config.finetune, mesh, name="config.finetune"
-    )  # checked before any work
+    # The batch size and gradient accumulation, checked before any work.
+    accum = step_lib.grad_accum_steps(cfg, mesh, name="config.finetune")
     restores = arm in RESTORED_ARMS  # the only difference between an arm and its random control
     if restores:  # fail before any compilation
         if not init_from:

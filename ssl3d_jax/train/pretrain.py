@@ -53,10 +53,8 @@ def run(config, workdir: str, dataset, cases: list, *, mesh=None, val_cases=None
     """
     cfg = config.pretrain
     mesh = parallel.make_mesh() if mesh is None else mesh
-    parallel.check_batch_size(cfg.batch_size, mesh, "config.pretrain.batch_size")
-    accum = step_lib.grad_accum_steps(
-        config.pretrain, mesh, name="config.pretrain"
-    )  # checked before any work
+    # The batch size and gradient accumulation, checked before any work.
+    accum = step_lib.grad_accum_steps(cfg, mesh, name="config.pretrain")
     common.log_devices(mesh)
     in_channels = dataset.in_channels
     task = tasks.get_task(config, in_channels=in_channels)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ssl3d_jax import parallel
 from ssl3d_jax.errors import ConfigError
 from ssl3d_jax.train.state import TrainState
 
@@ -72,7 +73,9 @@ def check_accum_steps(accum_steps, batch_size: int, num_devices: int, *, key: st
 
 def grad_accum_steps(section, mesh, *, name: str) -> int:
     """`section.grad_accum_steps` of the config section `name` (e.g. `config.pretrain`), checked
-    against `section.batch_size` and the devices of `mesh` (`check_accum_steps`)."""
+    against `section.batch_size` and the devices of `mesh` (`check_accum_steps`), after checking
+    that `section.batch_size` splits evenly over those devices (`parallel.check_batch_size`)."""
+    parallel.check_batch_size(section.batch_size, mesh, f"{name}.batch_size")
     return check_accum_steps(
         section.grad_accum_steps,
         int(section.batch_size),
