@@ -85,17 +85,10 @@ persistent XLA compilation cache.
 # --- the listing ----------------------------------------------------------------------------------
 
 
-def _summary(doc: str | None) -> str:
-    """One line from a module docstring: its first sentence, without the paper reference."""
-    para = " ".join((doc or "").split("\n\n", 1)[0].split())
-    para = re.split(r"\s*\(Taleb", para, maxsplit=1)[0]
-    return para.rstrip(" .,;:") + "." if para else ""
-
-
 def _module_info(path: pathlib.Path) -> tuple[str, set[str]]:
     """(summary of the docstring, names of the top-level functions) of a Python file, unrun."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    return _summary(ast.get_docstring(tree)), {
+    return config_files.summary(ast.get_docstring(tree)), {
         n.name for n in tree.body if isinstance(n, ast.FunctionDef)
     }
 

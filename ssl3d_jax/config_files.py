@@ -12,11 +12,20 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import re
 
 PROG = "ssl3d"
 
 # The ARG words of `--config=FILE:ARG` that `ssl3d --list` tries (documented in `ssl3d --help`).
 SIZE_ARGS = ("smoke", "default", "paper")
+
+
+def summary(doc: str | None) -> str:
+    """One line from a module docstring (of a config file or a task, for `ssl3d --list`): its
+    first sentence, without the paper reference."""
+    para = " ".join((doc or "").split("\n\n", 1)[0].split())
+    para = re.split(r"\s*\(Taleb", para, maxsplit=1)[0]
+    return para.rstrip(" .,;:") + "." if para else ""
 
 
 def configs_dir() -> pathlib.Path | None:

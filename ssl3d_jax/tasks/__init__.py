@@ -108,13 +108,6 @@ _REGISTRY: dict[str, TaskDef] = {}
 _LOADED: set[str] = set()  # registry sources already imported: builtins and SSL3D_JAX_TASKS entries
 
 
-def _summary(doc: str | None) -> str:
-    """The first sentence of a docstring, without the paper reference."""
-    para = " ".join((doc or "").split("\n\n", 1)[0].split())
-    para = para.split(" (Taleb", 1)[0]
-    return para.rstrip(" .,;:") + "." if para else ""
-
-
 def register(definition: TaskDef, *, origin: str | None = None) -> TaskDef:
     """Adds `definition` to the registry (again: a no-op for the same task) and returns it.
 
@@ -146,7 +139,7 @@ def _register_module(module, source: str) -> None:
     if definition is None:
         raise ConfigError(f"{ENV_VAR}: {source} defines no TASK = ssl3d_jax.tasks.TaskDef(...)")
     if not definition.summary:
-        definition = dataclasses.replace(definition, summary=_summary(module.__doc__))
+        definition = dataclasses.replace(definition, summary=config_files.summary(module.__doc__))
     register(definition, origin=getattr(module, "__file__", None))
 
 
